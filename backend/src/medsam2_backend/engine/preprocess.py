@@ -1,0 +1,150 @@
+"""Slice preprocessing exactly as MedSAM2 does it, one slice at a time.
+
+Intensities -> 0..255 (a CT window, or the 0.5-99.5 percentiles of the non-zero voxels for MR and other images)
+-> uint8 (truncated, as MedSAM2's `np.uint8` does) -> bicubic resize to the model's square input (PIL, as MedSAM2)
+-> /255 -> ImageNet mean/std, three identical channels. Nothing is written to disk and no float copy of the whole
+volume is made: `SliceFrames[k]` builds one model input on demand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+from .errors import EngineInputError
+
+# (level, width) in Hounsfield units.
+CT_PRESETS = {
+    "soft_tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (60.0, 350.0),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_MODES = ("stretch", "pad")
+ALLOWED_DTYPES = (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.float32, np.float64)
+MAX_SLICE_SIDE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How intensities become model input. Default: MR/other (percentiles), stretched to square like MedSAM2.
+
+    Give `preset` (a CT window name) or `level` and `width` for CT; neither for percentile scaling.
+    """
+
+    preset: str | None = None
+    level: float | None = None
+    width: float | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    resize: str = "stretch"
+
+    def __post_init__(self):
+        if self.preset is not None and self.preset not in CT_PRESETS:
+            raise EngineInputError(
+                f"Unknown CT window preset {self.preset!r}; use one of {', '.join(CT_PRESETS)}.")
+        if self.preset is not None and (self.level is not None or self.width is not None):
+            raise EngineInputError("Give either a CT window preset or a level and width, not both.")
+        if (self.level is None) != (self.width is None):
+            raise EngineInputError("A CT window needs both a level and a width.")
+        if self.width is not None and not (np.isfinite(self.width) and self.width > 0 and np.isfinite(self.level)):
+            raise EngineInputError(f"The window width must be a positive number (got {self.width!r}).")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise EngineInputError(f"Percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles!r}.")
+        if self.resize not in RESIZE_MODES:
+            raise EngineInputError(f"Unknown resize mode {self.resize!r}; use one of {', '.join(RESIZE_MODES)}.")
+
+    @property
+    def window(self) -> tuple[float, float] | None:
+        """The CT window as (low, high), or None for percentile scaling."""
+        if self.preset is not None:
+            level, width = CT_PRESETS[self.preset]
+        elif self.level is not None:
+            level, width = self.level, self.width
+        else:
+            return None
+        return level - width / 2.0, level + width / 2.0
+
+
+def validate_volume(volume) -> None:
+    """Reject what cannot be segmented, with a sentence a user can act on."""
+    if not isinstance(volume, np.ndarray):
+        raise EngineInputError(f"The volume must be a numpy array, not {type(volume).__name__}.")
+    if volume.ndim != 3:
+        raise EngineInputError(f"The volume must be 3D; this array has {volume.ndim} dimension(s) "
+                                 f"{volume.shape}.")
+    if volume.size == 0:
+        raise EngineInputError(f"The volume is empty (shape {volume.shape}).")
+    if volume.dtype.type not in ALLOWED_DTYPES:
+        raise EngineInputError(f"Voxel type {volume.dtype} is not supported; use an integer or float type.")
+    if max(volume.shape) > 4 * MAX_SLICE_SIDE or sorted(volume.shape)[1] > MAX_SLICE_SIDE:
+        raise EngineInputError(f"The volume {volume.shape} is too large for interactive segmentation.")
+    if volume.dtype.kind == "f" and not np.isfinite(volume).all():
+        raise EngineInputError("The volume contains NaN or infinite voxels; fix or mask them first.")
+
+
+def intensity_range(volume: np.ndarray, pre: Preprocessing) -> tuple[float, float]:
+    """The intensities mapped to 0 and 255: the CT window, or the percentiles of the non-zero voxels."""
+    window = pre.window
+    if window is not None:
+        return window
+    nonzero = volume[volume != 0]
+    if nonzero.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(nonzero, pre.percentiles)
+    return float(lo), float(hi)
+
+
+def to_uint8(slice_2d: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip to [lo, hi] and scale to 0..255, truncating like MedSAM2 (a flat range maps to 0)."""
+    x = np.clip(slice_2d.astype(np.float32), lo, hi)
+    if hi <= lo:
+        return np.zeros(x.shape, np.uint8)
+    return ((x - np.float32(lo)) * np.float32(255.0 / (hi - lo))).astype(np.uint8)
+
+
+def square_size(shape: tuple[int, int], resize: str) -> tuple[int, int]:
+    """The (height, width) that is resized to the model's square: the slice, or the slice padded to a square."""
+    if resize == "pad":
+        side = max(shape)
+        return side, side
+    return tuple(shape)
+
+
+def to_model_input(grey: np.ndarray, image_size: int, resize: str) -> np.ndarray:
+    """uint8 (H, W) -> float32 (3, S, S) normalised model input. `pad` adds zeros at the bottom and right so
+    slice pixel coordinates stay valid; masks are cropped back to (H, W)."""
+    if resize == "pad":
+        side = max(grey.shape)
+        padded = np.zeros((side, side), np.uint8)
+        padded[: grey.shape[0], : grey.shape[1]] = grey
+        grey = padded
+    img = Image.fromarray(np.ascontiguousarray(grey)).resize((image_size, image_size), Image.BICUBIC)
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+    return (x[None] - mean) / std
+
+
+class SliceFrames:
+    """A lazy sequence of model inputs along one axis, for SAM-2's video predictor (`len` and `[k]` only)."""
+
+    def __init__(self, volume: np.ndarray, axis: int, pre: Preprocessing, image_size: int):
+        self.volume, self.axis, self.pre, self.image_size = volume, axis, pre, image_size
+        self.lo, self.hi = intensity_range(volume, pre)
+
+    def __len__(self) -> int:
+        return self.volume.shape[self.axis]
+
+    def grey(self, k: int) -> np.ndarray:
+        return to_uint8(np.take(self.volume, k, axis=self.axis), self.lo, self.hi)
+
+    def __getitem__(self, k: int):
+        import torch
+
+        return torch.from_numpy(to_model_input(self.grey(k), self.image_size, self.pre.resize))

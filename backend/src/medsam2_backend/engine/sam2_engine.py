@@ -1,0 +1,232 @@
+"""SAM-2 with MedSAM2 weights behind the engine interface.
+
+All model work goes through SAM-2's own `SAM2VideoPredictor` methods, so the masks are those of the official
+predictor. Two things differ, neither of which changes what is computed:
+- frames come from `SliceFrames` (lazy, in memory) instead of a folder of JPEG files;
+- backbone features are kept in a `FeatureCache` shared by all tracking states of a volume, bounded by a memory
+  budget, instead of SAM-2's cache of the last frame only, so corrections and re-propagation never re-encode.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Iterator
+
+import numpy as np
+import torch
+from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+from .base import BACKWARD, FORWARD, SlicePrompt, SliceResult, VolumeSession
+from .model import Sam2Model
+from .preprocess import Preprocessing, SliceFrames, square_size
+
+_OBJ = 1  # each tracking state holds one object; objects are kept apart by the session
+
+
+class FeatureCache:
+    """Backbone features per slice, least-recently-used out when over `budget_bytes`.
+
+    Position encodings are the same for every slice, so one copy is kept for all.
+    """
+
+    def __init__(self, budget_bytes: int, store_dtype: torch.dtype | None = None):
+        self.budget_bytes = budget_bytes
+        self.store_dtype = store_dtype
+        self._entries: collections.OrderedDict[int, list[torch.Tensor]] = collections.OrderedDict()
+        self._pos_enc: list[torch.Tensor] | None = None
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, k: int) -> dict | None:
+        fpn = self._entries.get(k)
+        if fpn is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(k)
+        return {"backbone_fpn": list(fpn), "vision_pos_enc": list(self._pos_enc)}
+
+    def put(self, k: int, backbone_out: dict) -> None:
+        fpn = list(backbone_out["backbone_fpn"])
+        if self.store_dtype is not None:
+            fpn = [f.to(self.store_dtype) for f in fpn]
+        if self._pos_enc is None:
+            self._pos_enc = list(backbone_out["vision_pos_enc"])
+        size = sum(f.numel() * f.element_size() for f in fpn)
+        if size > self.budget_bytes:
+            return
+        old = self._entries.pop(k, None)
+        if old is not None:
+            self.nbytes -= sum(f.numel() * f.element_size() for f in old)
+        while self._entries and self.nbytes + size > self.budget_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= sum(f.numel() * f.element_size() for f in evicted)
+        self._entries[k] = fpn
+        self.nbytes += size
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._pos_enc = None
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class CachingVideoPredictor(SAM2VideoPredictor):
+    """SAM-2's video predictor with a bounded multi-slice feature cache and the predicted IoU kept per output."""
+
+    def _get_image_feature(self, inference_state, frame_idx, batch_size):
+        cache: FeatureCache = inference_state["feature_cache"]
+        backbone_out = cache.get(frame_idx)
+        if backbone_out is None:
+            image = inference_state["images"][frame_idx].to(inference_state["device"]).float().unsqueeze(0)
+            backbone_out = self.forward_image(image)
+            cache.put(frame_idx, backbone_out)
+        expanded = {
+            "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in backbone_out["backbone_fpn"]],
+            "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in backbone_out["vision_pos_enc"]],
+        }
+        # SAM-2 never reads the image back from here (callers discard it), so it is not kept.
+        return (None,) + self._prepare_backbone_features(expanded)
+
+    def _forward_sam_heads(self, *args, **kwargs):
+        outputs = super()._forward_sam_heads(*args, **kwargs)
+        ious, multimask = outputs[2], kwargs.get("multimask_output", False)
+        self._last_iou = float((ious.max(dim=-1).values if multimask else ious[:, 0]).float()[0])
+        return outputs
+
+    def _use_mask_as_output(self, *args, **kwargs):
+        self._last_iou = 1.0  # a mask prompt is taken as it is
+        return super()._use_mask_as_output(*args, **kwargs)
+
+    def _run_single_frame_inference(self, *args, **kwargs):
+        compact, pred_masks = super()._run_single_frame_inference(*args, **kwargs)
+        compact["iou"] = self._last_iou
+        return compact, pred_masks
+
+    def new_state(self, frames, video_height: int, video_width: int, cache: FeatureCache) -> dict:
+        """What `init_state` builds, for in-memory frames and a shared feature cache."""
+        device = self.device
+        return {
+            "images": frames, "num_frames": len(frames), "offload_video_to_cpu": False,
+            "offload_state_to_cpu": False, "video_height": video_height, "video_width": video_width,
+            "device": device, "storage_device": device, "point_inputs_per_obj": {}, "mask_inputs_per_obj": {},
+            "cached_features": {}, "constants": {}, "obj_id_to_idx": collections.OrderedDict(),
+            "obj_idx_to_id": collections.OrderedDict(), "obj_ids": [], "output_dict_per_obj": {},
+            "temp_output_dict_per_obj": {}, "frames_tracked_per_obj": {}, "feature_cache": cache,
+        }
+
+
+def frame_output(state: dict, frame_idx: int) -> dict | None:
+    """The latest output of the state's object on a frame (temporary outputs first, as SAM-2 looks them up)."""
+    for d in (state["temp_output_dict_per_obj"].get(0, {}), state["output_dict_per_obj"].get(0, {})):
+        for key in ("cond_frame_outputs", "non_cond_frame_outputs"):
+            out = d.get(key, {}).get(frame_idx)
+            if out is not None:
+                return out
+    return None
+
+
+class Sam2VolumeSession(VolumeSession):
+    """A volume segmented by SAM-2: per object one forward and one backward tracking state (see `base`)."""
+
+    def __init__(self, model: Sam2Model, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
+                 preprocessing: Preprocessing | None = None, cache_budget_bytes: int = 1 << 30,
+                 lock: threading.Lock | None = None):
+        super().__init__(volume, spacing, axis, preprocessing)
+        self.model = model
+        self.lock = lock or threading.RLock()  # the accelerator's lock, shared by all sessions of one server
+        store = torch.bfloat16 if model.precision == "bf16" else None
+        self.cache = FeatureCache(cache_budget_bytes, store)
+        self._states: dict[int, dict[str, dict]] = {}
+        self._make_frames()
+
+    def _make_frames(self) -> None:
+        self.frames = SliceFrames(self.volume, self.axis, self.preprocessing, self.model.image_size)
+        self._square = square_size(self.slice_shape, self.preprocessing.resize)
+
+    def _preprocessing_changed(self) -> None:
+        self.cache.clear()
+        self._make_frames()
+
+    def _state(self, obj_id: int, side: str) -> dict:
+        states = self._states.setdefault(obj_id, {})
+        if side not in states:
+            states[side] = self.model.predictor.new_state(self.frames, *self._square, self.cache)
+        return states[side]
+
+    def _forget_object(self, obj_id: int) -> None:
+        self._states.pop(obj_id, None)
+
+    def _result(self, obj_id: int, k: int, video_res_logits: torch.Tensor, out: dict) -> SliceResult:
+        h, w = self.slice_shape
+        logits = video_res_logits[0, 0, :h, :w].float().cpu().numpy()
+        return SliceResult(obj_id, k, logits > 0, float(out["object_score_logits"].float().reshape(-1)[0]),
+                           float(out.get("iou", 1.0)), logits=logits)
+
+    def _apply_prompt(self, obj_id, slice_index, prompt: SlicePrompt, merged, sides, replace) -> SliceResult:
+        predictor = self.model.predictor
+        result = None
+        with self.lock, torch.inference_mode(), self.model.autocast():
+            for side in sides:
+                state = self._state(obj_id, side)
+                if prompt.mask is not None:
+                    mask = prompt.mask
+                    if self._square != self.slice_shape:
+                        mask = np.zeros(self._square, bool)
+                        mask[: self.slice_shape[0], : self.slice_shape[1]] = prompt.mask
+                    _, _, logits = predictor.add_new_mask(state, slice_index, _OBJ, torch.from_numpy(mask))
+                else:
+                    _, _, logits = predictor.add_new_points_or_box(
+                        state, slice_index, _OBJ, points=prompt.points, labels=prompt.labels, box=prompt.box,
+                        clear_old_points=replace)
+                if result is None:
+                    result = self._result(obj_id, slice_index, logits, frame_output(state, slice_index))
+        return result
+
+    def _track(self, obj_id: int, direction: str, first: int, last: int) -> Iterator[SliceResult]:
+        predictor = self.model.predictor
+        state = self._state(obj_id, direction)
+        reverse = direction == BACKWARD
+        if reverse and first == 0:
+            # SAM-2 skips a reverse pass that starts on frame 0; the prompted slice is all there is to report.
+            with self.lock, torch.inference_mode(), self.model.autocast():
+                predictor.propagate_in_video_preflight(state)
+                out = frame_output(state, 0)
+                yield self._result(obj_id, 0, predictor._get_orig_video_res_output(state, out["pred_masks"])[1],
+                                   out)
+            return
+        steps = predictor.propagate_in_video(state, start_frame_idx=first, max_frame_num_to_track=abs(last - first),
+                                             reverse=reverse)
+        try:
+            while True:
+                with self.lock, self.model.autocast():
+                    item = next(steps, None)
+                    if item is None:
+                        return
+                    k, _, logits = item
+                    result = self._result(obj_id, k, logits, frame_output(state, k))
+                yield result
+        finally:
+            steps.close()
+
+
+class Sam2Engine:
+    """Opens SAM-2 sessions on one loaded model; all sessions share one lock for the accelerator."""
+
+    name = "sam2"
+
+    def __init__(self, model: Sam2Model, cache_budget_bytes: int = 1 << 30):
+        self.model = model
+        self.cache_budget_bytes = cache_budget_bytes
+        self.lock = threading.RLock()
+
+    def describe(self) -> dict:
+        return {"engine": self.name, **self.model.describe()}
+
+    def open_session(self, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
+                     preprocessing: Preprocessing | None = None) -> Sam2VolumeSession:
+        return Sam2VolumeSession(self.model, volume, spacing, axis, preprocessing, self.cache_budget_bytes,
+                                 self.lock)
