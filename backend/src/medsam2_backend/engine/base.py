@@ -13,7 +13,7 @@ Propagation semantics (deliberate, documented in the README):
 - A prompt on a side marks that side dirty from that slice. Re-propagation runs only the dirty part of each side:
   a correction on slice c > anchor re-tracks c..end, exactly as SAM-2's own correction workflow does (click on a
   tracked frame, propagate from it). Slices between the anchor and the correction keep their masks.
-- A propagate call with nothing dirty re-runs the whole side from the anchor (the same result again).
+- A propagate call runs only the dirty sides; with nothing dirty it re-runs the requested sides from the anchor.
 """
 
 from __future__ import annotations
@@ -296,9 +296,10 @@ class VolumeSession(abc.ABC):
         passes = []
         for o in ids:
             rec = self._objects[o]
-            for side in (FORWARD, BACKWARD):
-                if direction not in ("both", side):
-                    continue
+            sides = [d for d in (FORWARD, BACKWARD) if direction in ("both", d)]
+            if any(d in rec.dirty for d in sides):
+                sides = [d for d in sides if d in rec.dirty]  # only what prompts made stale
+            for side in sides:
                 first = rec.dirty.get(side, rec.anchor)
                 if side == FORWARD:
                     first, last = max(first, lo), hi

@@ -1,0 +1,86 @@
+"""The SAM-2 engine on CPU with random weights: axes, resize modes, the feature cache, precision."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import blob_volume
+from medsam2_backend.engine import Preprocessing
+from medsam2_backend.engine.model import load_model
+from medsam2_backend.engine.sam2_engine import FeatureCache, Sam2Engine
+
+PRE = Preprocessing(preset="soft_tissue")
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return blob_volume((4, 40, 56))
+
+
+def test_any_axis_gives_the_same_masks_transposed(sam2_model, volume):
+    engine = Sam2Engine(sam2_model)
+    masks = {}
+    for axis in (0, 2):
+        s = engine.open_session(np.moveaxis(volume, 0, axis), axis=axis, preprocessing=PRE)
+        s.add_prompt(1, 1, box=[10, 8, 40, 30])
+        list(s.propagate(stop=2))
+        masks[axis] = s.object_mask(1)
+    assert masks[0][1:3].any()
+    np.testing.assert_array_equal(masks[2], np.moveaxis(masks[0], 0, 2))
+
+
+def test_pad_mode_returns_masks_at_the_slice_size(sam2_model, volume):
+    s = Sam2Engine(sam2_model).open_session(volume, preprocessing=Preprocessing(preset="soft_tissue", resize="pad"))
+    r = s.add_prompt(1, 0, box=[10, 8, 40, 30])
+    assert r.mask.shape == r.logits.shape == (40, 56)
+    assert s._square == (56, 56)
+    m = np.zeros((40, 56), bool)
+    m[5:20, 5:30] = True
+    assert s.add_prompt(2, 0, mask=m).mask.shape == (40, 56)
+
+
+def test_feature_cache_respects_its_budget_and_serves_repeats(sam2_model, volume):
+    engine = Sam2Engine(sam2_model)
+    s = engine.open_session(volume, preprocessing=PRE)
+    s.add_prompt(1, 0, box=[10, 8, 40, 30])
+    list(s.propagate())
+    per_slice = s.cache.nbytes // len(s.cache)
+    assert len(s.cache) == 4 and s.cache.misses == 4
+    small = Sam2Engine(sam2_model, cache_budget_bytes=2 * per_slice + 1).open_session(volume, preprocessing=PRE)
+    small.add_prompt(1, 0, box=[10, 8, 40, 30])
+    list(small.propagate())
+    assert len(small.cache) == 2 and small.cache.nbytes <= 2 * per_slice + 1
+    # a changed preprocessing invalidates the features, keeps the prompts and needs a new propagation
+    s.set_preprocessing(Preprocessing(preset="lung"))
+    assert len(s.cache) == 1 and s.prompts(1)[0].box.tolist() == [10, 8, 40, 30]
+    assert [p.direction for p in s.propagate().passes] == ["forward", "backward"]
+
+
+def test_feature_cache_eviction_is_least_recently_used():
+    c = FeatureCache(budget_bytes=3 * 400)
+    fake = lambda: {"backbone_fpn": [torch.zeros(100)], "vision_pos_enc": [torch.zeros(1)]}
+    for k in range(3):
+        c.put(k, fake())
+    c.get(0)
+    c.put(3, fake())
+    assert c.get(1) is None and c.get(0) is not None and c.get(3) is not None and c.nbytes == 1200
+
+
+def test_bf16_stores_half_precision_features_and_gives_close_masks(volume):
+    fp32, bf16 = load_model(random_weights=True, seed=0), load_model(random_weights=True, seed=0, precision="bf16")
+    results = {}
+    for name, model in (("fp32", fp32), ("bf16", bf16)):
+        s = Sam2Engine(model).open_session(volume, preprocessing=PRE)
+        results[name] = s.add_prompt(1, 0, box=[10, 8, 40, 30]).logits
+        dtypes = {f.dtype for f in s.cache._entries[0]}
+        assert dtypes == ({torch.bfloat16} if name == "bf16" else {torch.float32})
+    assert np.abs(results["fp32"] - results["bf16"]).max() < 0.25
+
+
+def test_random_weights_must_be_asked_for():
+    from medsam2_backend.engine import EngineInputError
+
+    with pytest.raises(EngineInputError, match="random weights"):
+        load_model()
+    m = load_model(random_weights=True)
+    assert m.random_weights and m.describe()["checkpoint"] == "random weights"
