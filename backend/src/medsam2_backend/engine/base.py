@@ -121,42 +121,30 @@ class PropagationRun:
         s = self._session
         done_objects, reported = [], set()
         for p in self.passes:
-            if self._cancel.is_set():
-                break
-            rec = s._objects[p.obj_id]
             empties = 0
-            completed = True
-            for result in s._track(p.obj_id, p.direction, p.first, p.last):
+            for result in s._track(p.obj_id, p.direction, p.first, p.last) if not self._cancel.is_set() else ():
                 if (p.obj_id, result.slice_index) in reported:
                     continue
                 reported.add((p.obj_id, result.slice_index))
                 s._store(result)
                 self.summary.slices_done += 1
                 yield result
-                empties = 0 if result.mask.any() else empties + 1
                 if self._cancel.is_set():
-                    completed = False
-                    break
+                    break  # before the next slice is computed
+                empties = 0 if result.mask.any() else empties + 1
                 if self._stop_after_empty and empties >= self._stop_after_empty and result.slice_index != p.last:
                     self.summary.stopped_early[(p.obj_id, p.direction)] = result.slice_index
                     yield from self._clear_beyond(p, result.slice_index)
                     break
-            if not completed:
-                self.summary.cancelled = True
-                break
-            rec.dirty.pop(p.direction, None)
+            if self._cancel.is_set():
+                self.summary.cancelled = True  # the side stays dirty: the next propagate redoes it
+                return
+            s._objects[p.obj_id].dirty.pop(p.direction, None)
             if p.obj_id not in done_objects:
                 done_objects.append(p.obj_id)
-        else:
-            if self._cancel.is_set():
-                self.summary.cancelled = True
-        if self._cancel.is_set():
-            self.summary.cancelled = True
-            return
         for obj_id in done_objects:
             yield from self._postprocess_object(obj_id)
-            rec = s._objects[obj_id]
-            ranked = sorted(rec.ious.items(), key=lambda kv: kv[1])[:5]
+            ranked = sorted(s._objects[obj_id].ious.items(), key=lambda kv: kv[1])[:5]
             self.summary.least_certain[obj_id] = [(int(k), float(v)) for k, v in ranked]
 
     def _clear_beyond(self, p: Pass, stopped_at: int) -> Iterator[SliceResult]:
