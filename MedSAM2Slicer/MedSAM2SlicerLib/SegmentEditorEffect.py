@@ -1,0 +1,138 @@
+"""The MedSAM2 Segment Editor effect: click (point) or drag (box) on a slice, then propagate through the volume.
+
+Thin by design: it turns view events into RAS prompts and buttons into calls of the shared `MedSAM2SlicerLogic`
+controller; geometry, sessions and writing live in the Qt-free library next to this file.
+"""
+
+import os
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+from MedSAM2SlicerLib.controller import MedSAM2ActionError
+from MedSAM2SlicerLib.logic import shared_logic
+
+DRAG_THRESHOLD_PX = 5  # a press and release further apart than this is a box, else a point
+DIRECTIONS = ("both", "forward", "backward")
+
+
+class EffectTarget:
+    """Writes through the effect, so the Segment Editor's masking, overwrite and undo apply as for any effect."""
+
+    def __init__(self, scriptedEffect):
+        self.scriptedEffect = scriptedEffect
+        self.segmentation_node = scriptedEffect.parameterSetNode().GetSegmentationNode()
+
+    def save_state_for_undo(self):
+        self.scriptedEffect.saveStateForUndo()
+
+    def modify(self, segment_id, labelmap, mode, extent_ijk):
+        # The effect always edits the selected segment; the controller only ever passes that one.
+        assert segment_id == self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
+        modes = {"add": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
+                 "remove": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove}
+        self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, modes[mode], extent_ijk)
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "MedSAM2"
+        scriptedEffect.perSegment = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self._press_xy = None
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        path = os.path.join(os.path.dirname(__file__), os.pardir, "Resources", "Icons", "MedSAM2Effect.png")
+        return qt.QIcon(path) if os.path.exists(path) else qt.QIcon()
+
+    def helpText(self):
+        return ("<html>Segment with MedSAM2.<p>Click: positive point; Ctrl+click: negative point; drag: box. "
+                "Then <b>Propagate</b> through the volume. Connect to a server or model in the MedSAM2 module.")
+
+    def setupOptionsFrame(self):
+        self.directionComboBox = qt.QComboBox()
+        self.directionComboBox.addItems(list(DIRECTIONS))
+        self.scriptedEffect.addLabeledOptionsWidget("Direction:", self.directionComboBox)
+        self.propagateButton = qt.QPushButton("Propagate")
+        self.propagateButton.connect("clicked()", self.onPropagate)
+        self.cancelButton = qt.QPushButton("Cancel")
+        self.cancelButton.connect("clicked()", lambda: shared_logic().controller and shared_logic().controller.cancel())
+        buttons = qt.QHBoxLayout()
+        buttons.addWidget(self.propagateButton)
+        buttons.addWidget(self.cancelButton)
+        self.scriptedEffect.addOptionsWidget(buttons)
+        self.progressBar = qt.QProgressBar()
+        self.scriptedEffect.addOptionsWidget(self.progressBar)
+        self.uncertainList = qt.QListWidget()
+        self.uncertainList.toolTip = "Least certain slices (double-click to go there)"
+        self.uncertainList.connect("itemDoubleClicked(QListWidgetItem*)", self.onJumpToSlice)
+        self.scriptedEffect.addLabeledOptionsWidget("Check:", self.uncertainList)
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+
+    def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        if viewWidget.className() != "qMRMLSliceWidget":
+            return False
+        if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+            self._press_xy = callerInteractor.GetEventPosition()
+            return True
+        if eventId != vtk.vtkCommand.LeftButtonReleaseEvent or self._press_xy is None:
+            return False
+        press_xy, release_xy, self._press_xy = self._press_xy, callerInteractor.GetEventPosition(), None
+        slice_to_ras = slicer.util.arrayFromVTKMatrix(viewWidget.sliceLogic().GetSliceNode().GetSliceToRAS())
+        if np.hypot(release_xy[0] - press_xy[0], release_xy[1] - press_xy[1]) > DRAG_THRESHOLD_PX:
+            prompt = {"box_corners_ras": [self.xyToRas(press_xy, viewWidget), self.xyToRas(release_xy, viewWidget)]}
+        else:
+            prompt = {"points_ras": [self.xyToRas(release_xy, viewWidget)],
+                      "labels": [0 if callerInteractor.GetControlKey() else 1]}
+        self._run(lambda controller, volume, segment_id: controller.add_prompt(
+            volume, EffectTarget(self.scriptedEffect), segment_id, slice_to_ras=slice_to_ras, **prompt))
+        return True
+
+    def onPropagate(self):
+        def progress(done, planned):
+            self.progressBar.maximum, self.progressBar.value = planned, done
+            slicer.app.processEvents()  # keeps Cancel responsive and shows slices as they arrive
+
+        outcome = self._run(lambda controller, volume, segment_id: controller.propagate(
+            volume, EffectTarget(self.scriptedEffect), segment_id,
+            direction=self.directionComboBox.currentText, progress=progress))
+        if outcome is None:
+            return
+        self.uncertainList.clear()
+        for slice_info in outcome.least_certain:
+            item = qt.QListWidgetItem(f"slice {slice_info.slice_index}: IoU {slice_info.iou:.2f}")
+            item.setData(qt.Qt.UserRole, [float(c) for c in slice_info.center_ras])
+            self.uncertainList.addItem(item)
+        self.statusLabel.text = ("Cancelled; " if outcome.cancelled else "") + f"{outcome.slices_written} slices."
+
+    def onJumpToSlice(self, item):
+        x, y, z = item.data(qt.Qt.UserRole)
+        slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
+
+    def _run(self, action):
+        """Run one controller action for the selected volume/segment; show its error as one sentence."""
+        logic = shared_logic()
+        parameters = self.scriptedEffect.parameterSetNode()
+        volume, segment_id = parameters.GetSourceVolumeNode(), parameters.GetSelectedSegmentID()
+        try:
+            if logic.controller is None:
+                raise MedSAM2ActionError("Not connected: open the MedSAM2 module and connect first.")
+            result = action(logic.controller, volume, segment_id)
+        except MedSAM2ActionError as error:
+            self.statusLabel.text = str(error)
+            return None
+        warning = getattr(result, "axis_warning", None)
+        self.statusLabel.text = warning or ""
+        return result

@@ -1,0 +1,163 @@
+"""`MedSAM2SlicerLogic`: the whole workflow from the Python console, no GUI needed.
+
+    import MedSAM2Slicer
+    logic = MedSAM2Slicer.MedSAM2SlicerLogic()
+    logic.connect(url="http://gpu-host:8000", token="...")        # or connect(checkpoint="MedSAM2_latest.pt")
+    segment_id = logic.segment(volume, segmentation, box_ras=[[x0, y0, z], [x1, y1, z]], view="axial")
+
+The panel and the effect use the same instance (`shared_logic()`), so a connection made in one is used by both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import slicer
+
+from . import geometry
+from .controller import MedSAM2ActionError, PropagationOutcome, SessionController
+from .mrml_io import EditorLogicTarget
+
+
+class InProcessBackend:
+    """Adapts an engine object (SAM-2 or the test engine) to the backend interface the client also offers.
+
+    Preprocessing travels as a dict of `Preprocessing` fields, exactly as it does over the network.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def open_session(self, volume_kji: np.ndarray, spacing_kji, axis: int, preprocessing: dict | None):
+        return _InProcessSession(self.engine.open_session(volume_kji, spacing_kji, axis,
+                                                          _preprocessing(preprocessing)))
+
+
+class _InProcessSession:
+    def __init__(self, session):
+        self._session = session
+
+    def set_preprocessing(self, preprocessing: dict | None) -> None:
+        self._session.set_preprocessing(_preprocessing(preprocessing))
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def _preprocessing(fields: dict | None):
+    from medsam2_backend.engine import Preprocessing
+
+    return Preprocessing(**(fields or {}))
+
+
+@dataclasses.dataclass
+class ConnectionInfo:
+    kind: str  # "remote", "local" or "in-process"
+    description: str
+
+
+class MedSAM2SlicerLogic:
+    """Connect to a backend, then segment volume nodes from RAS prompts into segments."""
+
+    def __init__(self):
+        self.controller: SessionController | None = None
+        self.connection: ConnectionInfo | None = None
+        self.preprocessing: dict | None = None
+        self._targets: dict[str, EditorLogicTarget] = {}  # segmentation node id -> its undo history
+
+    def connect(self, url: str | None = None, token: str | None = None, *, checkpoint: str | None = None,
+                engine=None, device: str | None = None) -> ConnectionInfo:
+        """Use a server (`url`), a local SAM-2 model (`checkpoint`) or any engine object (`engine`)."""
+        if sum(x is not None for x in (url, checkpoint, engine)) != 1:
+            raise MedSAM2ActionError("Connect to exactly one backend: a server URL, a checkpoint, or an engine.")
+        if url is not None:
+            from medsam2_client import MedSAM2Client
+
+            backend, info = MedSAM2Client(url, token), ConnectionInfo("remote", url)
+        elif checkpoint is not None:
+            from medsam2_backend.engine import load_engine
+
+            engine = load_engine(checkpoint, device=device)
+            backend, info = InProcessBackend(engine), ConnectionInfo("local", str(checkpoint))
+        else:
+            backend, info = InProcessBackend(engine), ConnectionInfo("in-process", type(engine).__name__)
+        self.close()
+        self.controller = SessionController(backend, self.preprocessing)
+        self.connection = info
+        return info
+
+    def set_preprocessing(self, preprocessing: dict | None) -> None:
+        """Intensity preprocessing as `Preprocessing` fields, e.g. {"preset": "soft_tissue"}; None for MR/other."""
+        self.preprocessing = dict(preprocessing) if preprocessing else None
+        if self.controller is not None:
+            self.controller.set_preprocessing(self.preprocessing)
+
+    def segment(self, volume_node, segmentation_node, segment_id: str | None = None, *, points_ras=None,
+                labels=None, box_ras=None, roi_node=None, view="axial", propagate: bool = True,
+                direction: str = "both", start=None, stop=None, stop_after_empty=None, postprocess=(),
+                progress=None) -> str:
+        """Prompt one slice (points and/or a box as 2 RAS corners or an ROI node) and optionally propagate.
+
+        `view` is the view the prompt belongs to ('axial', 'sagittal', 'coronal' or a 4x4 slice-to-RAS); it
+        picks the propagation axis. Returns the id of the segment written (created when `segment_id` is None).
+        """
+        controller = self._require_controller()
+        target = self.target_for(segmentation_node, volume_node)
+        if segment_id is None:
+            segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", "MedSAM2")
+        elif segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+            raise MedSAM2ActionError(f"The segmentation has no segment with id {segment_id!r}.")
+        if roi_node is not None:
+            box_ras = geometry.roi_corners_ras(roi_node)
+        controller.add_prompt(volume_node, target, segment_id, points_ras=points_ras, labels=labels,
+                              box_corners_ras=box_ras, slice_to_ras=geometry.view_slice_to_ras(view))
+        if propagate:
+            self.propagate(volume_node, segmentation_node, segment_id, direction=direction, start=start,
+                           stop=stop, stop_after_empty=stop_after_empty, postprocess=postprocess, progress=progress)
+        return segment_id
+
+    def propagate(self, volume_node, segmentation_node, segment_id: str, **options) -> PropagationOutcome:
+        """Propagate a prompted segment (options as `SessionController.propagate`)."""
+        return self._require_controller().propagate(
+            volume_node, self.target_for(segmentation_node, volume_node), segment_id, **options)
+
+    def undo(self, segmentation_node) -> None:
+        """Undo the last MedSAM2 action written from the console into this segmentation."""
+        target = self._targets.get(segmentation_node.GetID())
+        if target is not None:
+            target.undo()
+
+    def target_for(self, segmentation_node, volume_node) -> EditorLogicTarget:
+        """The console's write target for a segmentation (one per segmentation, so its undo history persists)."""
+        if segmentation_node.GetNodeReference(
+                slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is None:
+            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        target = self._targets.get(segmentation_node.GetID())
+        if target is None:
+            target = self._targets[segmentation_node.GetID()] = EditorLogicTarget(segmentation_node, volume_node)
+        else:
+            target.logic.SetSourceVolumeNode(volume_node)
+        return target
+
+    def close(self) -> None:
+        if self.controller is not None:
+            self.controller.close()
+        self.controller = None
+        self.connection = None
+
+    def _require_controller(self) -> SessionController:
+        if self.controller is None:
+            raise MedSAM2ActionError("Not connected: connect to a MedSAM2 server or load a model first.")
+        return self.controller
+
+
+_shared_logic: MedSAM2SlicerLogic | None = None
+
+
+def shared_logic() -> MedSAM2SlicerLogic:
+    """The one logic the module panel and the Segment Editor effect share in an app session."""
+    global _shared_logic
+    if _shared_logic is None:
+        _shared_logic = MedSAM2SlicerLogic()
+    return _shared_logic

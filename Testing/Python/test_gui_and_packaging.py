@@ -1,0 +1,174 @@
+"""The thin GUI imports and sets up against stand-ins for qt/ctk/slicer.app; packaging lists stay true."""
+
+import ast
+import pathlib
+import re
+import sys
+import types
+import xml.etree.ElementTree as ET
+
+import pytest
+import slicer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MODULE_DIR = ROOT / "MedSAM2Slicer"
+
+
+class Stub:
+    """Any attribute, any call, any assignment: enough of a Qt widget / app for setup code to run."""
+
+    def __init__(self, *args, **kwargs):
+        self.calls = []
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Stub()
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args)
+        return Stub()
+
+
+class RecordingApp(Stub):
+    def __init__(self):
+        super().__init__()
+        self.connections = []
+
+    def connect(self, signal, slot):
+        self.connections.append((signal, slot))
+
+
+def _stub_module(name, **attrs):
+    module = types.ModuleType(name)
+    module.__getattr__ = lambda attr: Stub
+    module.__dict__.update(attrs)
+    return module
+
+
+@pytest.fixture
+def gui_stubs(monkeypatch):
+    """Fake `qt`, `ctk`, `slicer.app`, `slicer.ScriptedLoadableModule`, SegmentEditorEffects and the effects module."""
+    registered = []
+
+    class ScriptedEffect(Stub):
+        def setPythonSource(self, path):
+            registered.append(path)
+
+        def self(self):
+            return Stub()
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.layout = Stub()
+
+        def setup(self):
+            pass
+
+        def resourcePath(self, relative):
+            return str(MODULE_DIR / "Resources" / relative)
+
+    class AbstractScriptedSegmentEditorEffect:
+        def __init__(self, scriptedEffect):
+            self.scriptedEffect = scriptedEffect
+
+    loadable = _stub_module(
+        "slicer.ScriptedLoadableModule",
+        ScriptedLoadableModule=type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: None}),
+        ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
+        ScriptedLoadableModuleTest=type("ScriptedLoadableModuleTest", (), {}))
+    for name, module in {
+        "qt": _stub_module("qt"), "ctk": _stub_module("ctk"),
+        "slicer.ScriptedLoadableModule": loadable,
+        "SegmentEditorEffects": _stub_module(
+            "SegmentEditorEffects", AbstractScriptedSegmentEditorEffect=AbstractScriptedSegmentEditorEffect),
+        "qSlicerSegmentationsEditorEffectsPythonQt": _stub_module(
+            "qSlicerSegmentationsEditorEffectsPythonQt", qSlicerSegmentEditorScriptedEffect=ScriptedEffect),
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(slicer, "ScriptedLoadableModule", loadable, raising=False)
+    monkeypatch.setattr(slicer, "app", RecordingApp(), raising=False)
+    monkeypatch.delitem(sys.modules, "MedSAM2Slicer", raising=False)
+    monkeypatch.delitem(sys.modules, "MedSAM2SlicerLib.SegmentEditorEffect", raising=False)
+    return registered
+
+
+def _ui_names():
+    return {w.get("name") for w in ET.parse(MODULE_DIR / "Resources/UI/MedSAM2Slicer.ui").iter("widget")}
+
+
+def test_module_registers_the_effect_at_startup(gui_stubs):
+    import MedSAM2Slicer
+
+    module = MedSAM2Slicer.MedSAM2Slicer(Stub())
+    assert module is not None
+    assert slicer.app.connections == [("startupCompleted()", MedSAM2Slicer.register_effect)]
+    MedSAM2Slicer.register_effect()
+    path = pathlib.Path(gui_stubs[0])
+    assert path == MODULE_DIR / "MedSAM2SlicerLib" / "SegmentEditorEffect.py" and path.is_file()
+    classes = [n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]
+    assert path.stem in classes  # the Segment Editor instantiates the class named like the file
+
+
+def test_widget_sets_up_and_every_ui_name_it_uses_exists(gui_stubs, monkeypatch):
+    import MedSAM2Slicer
+
+    names = _ui_names()
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "MedSAM2Slicer.py").read_text()))
+    assert used and used <= names, used - names
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: Stub(), raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables",
+                        lambda panel: types.SimpleNamespace(**{n: Stub() for n in names}), raising=False)
+    widget = MedSAM2Slicer.MedSAM2SlicerWidget()
+    widget.setup()
+    assert widget.logic is MedSAM2Slicer.shared_logic()
+    widget.onPreprocessingChanged(2)
+    assert widget.logic.preprocessing == {"preset": "lung"}
+    widget.onPreprocessingChanged(0)
+    assert widget.logic.preprocessing is None
+
+
+def test_effect_imports_and_builds_its_options(gui_stubs):
+    from MedSAM2SlicerLib.SegmentEditorEffect import SegmentEditorEffect
+
+    scripted = Stub()
+    effect = SegmentEditorEffect(scripted)
+    assert scripted.name == "MedSAM2" and effect.scriptedEffect is scripted
+    effect.setupOptionsFrame()
+    assert "Propagate" in effect.helpText()
+    effect.clone()
+    assert gui_stubs[-1].endswith("MedSAM2SlicerLib/SegmentEditorEffect.py")
+
+
+def test_library_never_imports_qt_ctk_or_the_app():
+    for path in (MODULE_DIR / "MedSAM2SlicerLib").glob("*.py"):
+        if path.name == "SegmentEditorEffect.py":
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & {"qt", "ctk", "SegmentEditorEffects"}, path
+        assert "slicer.app" not in path.read_text(), path
+
+
+def test_cmake_lists_every_python_file_and_resource():
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "MedSAM2Slicer")
+    listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui))\s*$", cmake, re.M))
+    on_disk = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*")
+               if p.suffix in (".py", ".png", ".ui") and "__pycache__" not in p.parts}
+    assert listed == on_disk
+    top = (ROOT / "CMakeLists.txt").read_text()
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+        assert re.search(rf'set\(EXTENSION_{key} "[^"]+"\)', top), key
+    assert "add_subdirectory(MedSAM2Slicer)" in top and "${Slicer_EXTENSION_CPACK}" in top
+
+
+def test_extensions_index_entry_is_complete():
+    import json
+
+    entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text())
+    assert entry["category"] == "Segmentation"
+    assert entry["scm_url"].endswith(".git") and entry["scm_revision"]
+    assert entry["build_dependencies"] == []
