@@ -33,6 +33,15 @@ BOX_FRACTION = (0.35, 0.35, 0.65, 0.65)
 
 
 def rss_mb() -> float:
+    """Peak resident memory of this process. VmHWM, not ru_maxrss: the latter survives fork+exec on Linux and
+    would report the parent's peak in the memory subprocess."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -1,0 +1,121 @@
+"""Server/client costs on loopback, one JSON object per line.
+
+upload_first    open a session on a 512x512x300 int16 volume: fingerprint, upload, decode (target <= 1 s)
+upload_repeat   the same volume again: fingerprint hit, no upload (target ~0)
+prompt_overhead a point prompt through client + server / the same prompt on an in-process engine session
+                (SAM-2 with random weights; target ratio <= 1.1 or <= 20 ms extra)
+
+Run: .venv/bin/python backend/bench/bench_server.py [--slices 300] [--repeats 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+from server_helpers import start_server_process, stop_process  # noqa: E402
+
+from medsam2_client import MedSAM2Client  # noqa: E402
+
+
+def ct_like(shape, seed=0) -> np.ndarray:
+    """A volume that compresses and hashes like CT: smooth anatomy, air outside, noise."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    body = ((j - shape[1] / 2) / (shape[1] * 0.4)) ** 2 + ((i - shape[2] / 2) / (shape[2] * 0.45)) ** 2 <= 1
+    vol = np.where(body, 40, -1000) + rng.normal(0, 20, shape)
+    return vol.astype(np.int16)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def server_peak_mb(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def bench_upload(slices: int) -> None:
+    proc, url = start_server_process("--test-engine")
+    try:
+        client = MedSAM2Client(url)
+        client.health()
+        vol = ct_like((slices, 512, 512))
+        t0 = time.perf_counter()
+        s = client.open_session(vol)
+        first = time.perf_counter() - t0
+        assert s.uploads == 1
+        emit(case="upload_first", shape=list(vol.shape), mb=round(vol.nbytes / 2**20, 1), codec=client.codec,
+             ours_s=round(first, 3), peak_rss_mb=round(rss_mb()),
+             server_peak_rss_mb=round(server_peak_mb(proc.pid)))
+        t0 = time.perf_counter()
+        again = client.open_session(vol, axis=1)
+        repeat = time.perf_counter() - t0
+        assert again.uploads == 0
+        emit(case="upload_repeat", ours_s=round(repeat, 3), note="fingerprint (blake2b of the voxels) + one request")
+    finally:
+        stop_process(proc)
+
+
+def timed_prompts(session, repeats: int) -> float:
+    session.add_prompt(1, 3, points=[[250, 250]], labels=[1])  # encodes the slice: not what is measured
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        session.add_prompt(1, 3, points=[[200 + 10 * i, 260]], labels=[1], replace=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_prompt(repeats: int, threads: int) -> None:
+    """Both sides get the same number of torch threads: on a busy machine more threads than free cores make
+    SAM-2's many small decoder ops wait at OpenMP barriers, up to 40x slower, which would swamp the comparison."""
+    import torch
+
+    from medsam2_backend.engine import load_engine
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the server process inherits it
+    torch.set_num_threads(threads)
+    vol = ct_like((8, 512, 512), seed=1)
+    proc, url = start_server_process("--random-weights", "--device", "cpu", ready_timeout=180)
+    try:
+        remote = MedSAM2Client(url, timeout=120).open_session(vol)
+        ours = timed_prompts(remote, repeats)
+        server_mb = server_peak_mb(proc.pid)
+    finally:
+        stop_process(proc)
+    local = load_engine(random_weights=True, device="cpu").open_session(vol)
+    ref = timed_prompts(local, repeats)
+    emit(case="prompt_overhead", threads=threads, ours_s=round(ours, 4), ref_s=round(ref, 4), ratio=round(ours / ref, 3),
+         extra_ms=round((ours - ref) * 1000, 1), peak_rss_mb=round(rss_mb()), server_peak_rss_mb=round(server_mb))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slices", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads on both sides of prompt_overhead")
+    args = p.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    bench_upload(args.slices)
+    bench_prompt(args.repeats, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""`medsam2-server`: serve an engine over HTTP (loopback by default; any other address needs a token)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import pathlib
+import sys
+
+from medsam2_client import protocol
+
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="medsam2-server", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=protocol.DEFAULT_PORT)
+    p.add_argument("--checkpoint", help="MedSAM2 checkpoint: a file path or a known name such as MedSAM2_latest")
+    p.add_argument("--trust-on-first-use", action="store_true",
+                   help="accept a known checkpoint whose hash is not recorded yet (pins it on first download)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="serve a randomly initialised model (pipeline tests only: masks are meaningless)")
+    p.add_argument("--test-engine", action="store_true", help=argparse.SUPPRESS)  # deterministic disks, no model
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--token", help="access token clients must send (prefer --token-file: others can read argv)")
+    p.add_argument("--token-file", type=pathlib.Path, help="file holding the access token")
+    p.add_argument("--max-sessions", type=int, default=protocol.DEFAULT_MAX_SESSIONS)
+    p.add_argument("--memory-budget", type=float, default=protocol.DEFAULT_MEMORY_BUDGET_BYTES / 2**30,
+                   metavar="GIB", help="memory for volumes, masks and feature caches before sessions are evicted")
+    p.add_argument("--idle-timeout", type=float, default=protocol.DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS")
+    p.add_argument("--max-upload-mb", type=float, default=protocol.DEFAULT_MAX_UPLOAD_BYTES / 2**20)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p.parse_args(argv)
+
+
+def _fail(message: str) -> int:
+    print(f"medsam2-server: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    token = args.token
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as e:
+            return _fail(f"cannot read the token file {args.token_file}: {e.strerror}.")
+        if not token:
+            return _fail(f"the token file {args.token_file} is empty.")
+    if not is_loopback(args.host) and not token:
+        return _fail(f"refusing to listen on {args.host} without an access token: anyone on the network could "
+                     f"use this server. Give --token-file (or --token), or listen on 127.0.0.1.")
+    chosen = sum(bool(x) for x in (args.checkpoint, args.random_weights, args.test_engine))
+    if chosen != 1:
+        return _fail("give exactly one of --checkpoint PATH_OR_NAME, --random-weights or --test-engine.")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # SAM-2 draws a progress bar per propagation
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from ..engine import DiskEngine, EngineInputError, load_engine
+    from .app import make_app
+
+    if args.test_engine:
+        engine = DiskEngine()
+    else:
+        if args.random_weights:
+            from ..engine.model import RANDOM_WEIGHTS_WARNING
+
+            banner = "!" * 100
+            print(f"{banner}\n{RANDOM_WEIGHTS_WARNING}\n{banner}", file=sys.stderr, flush=True)
+        try:
+            engine = load_engine(args.checkpoint, device=args.device, precision=args.precision,
+                                 random_weights=args.random_weights, trust_on_first_use=args.trust_on_first_use)
+        except EngineInputError as e:
+            return _fail(str(e))
+    app = make_app(engine, token=token, max_sessions=args.max_sessions,
+                   memory_budget_bytes=int(args.memory_budget * 2**30), idle_timeout_s=args.idle_timeout,
+                   max_upload_bytes=int(args.max_upload_mb * 2**20))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""A propagation streamed to the client while the engine computes it.
+
+The engine iterates in a worker thread (it holds the session's lock until it ends); each slice is encoded there
+and handed to the event loop through a small bounded queue. The response body waits on that queue and checks for
+a client disconnect a few times a second; when the client goes away, or nobody reads for `stall_s`, the run is
+cancelled and the engine stops after the slice it is computing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+
+from medsam2_client import protocol, wire
+
+from ..engine import EngineInputError
+
+log = logging.getLogger(__name__)
+_AHEAD = 8  # slices the engine may compute before the client has read them
+_POLL_S = 0.2
+
+
+class PropagationStream:
+    def __init__(self, manager, session, run, loop: asyncio.AbstractEventLoop, stall_s: float = 120.0):
+        self.manager, self.session, self.run, self.loop = manager, session, run, loop
+        self.stall_s = stall_s
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._room = threading.Semaphore(_AHEAD)
+        self._abandoned = threading.Event()
+        self.worker = threading.Thread(target=self._work, name=f"propagate-{session.id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        self.session.run = self.run
+        self.worker.start()
+
+    # ---- worker thread -------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        run, planned = self.run, self.run.planned
+        steps = iter(run)
+        try:
+            if not self._offer(wire.json_frame(wire.START, {"planned": planned})):
+                return
+            while True:
+                with self.manager.accelerator_lock:
+                    r = next(steps, None)
+                if r is None:
+                    break
+                data = wire.slice_frame(r.obj_id, r.slice_index, r.mask, r.object_score, r.iou, r.stage,
+                                        run.summary.slices_done, planned)
+                if not self._offer(data):
+                    run.cancel()
+                    return
+            self._offer(wire.json_frame(wire.SUMMARY, summary_json(run)))
+        except EngineInputError as e:
+            self._offer(wire.json_frame(wire.ERROR, {"error": {"code": protocol.BAD_REQUEST, "message": str(e)}}))
+        except Exception:
+            log.exception("propagation failed")
+            self._offer(wire.json_frame(wire.ERROR, {"error": {
+                "code": protocol.INTERNAL, "message": "The propagation failed on the server; it keeps running. "
+                "Details are in the server log."}}))
+        finally:
+            steps.close()
+            self.manager.release(self.session)
+            self._post(None)
+
+    def _offer(self, data: bytes) -> bool:
+        """Queue one frame for the client; False when the client is gone or stopped reading."""
+        waited = 0.0
+        while not self._room.acquire(timeout=_POLL_S):
+            waited += _POLL_S
+            if self._abandoned.is_set() or waited >= self.stall_s:
+                return False
+        return not self._abandoned.is_set() and self._post(data)
+
+    def _post(self, item) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            return True
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            return False
+
+    # ---- response body (event loop) ------------------------------------------------------------------------------
+    async def body(self, request):
+        getter = None
+        try:
+            while True:
+                if getter is None:
+                    getter = asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=_POLL_S)
+                if not done:
+                    if await request.is_disconnected():
+                        log.info("client left during propagation; cancelling")
+                        return
+                    continue
+                item, getter = getter.result(), None
+                if item is None:
+                    return
+                self._room.release()
+                yield item
+        finally:
+            if getter is not None:
+                getter.cancel()
+            self._abandoned.set()
+            self.run.cancel()
+
+
+def summary_json(run) -> dict:
+    s = run.summary
+    return {
+        "planned": run.planned,
+        "slices_done": s.slices_done,
+        "cancelled": s.cancelled,
+        "stopped_early": [{"obj_id": o, "direction": d, "slice_index": k} for (o, d), k in s.stopped_early.items()],
+        "least_certain": {str(o): [[k, iou if math.isfinite(iou) else None] for k, iou in items]
+                          for o, items in s.least_certain.items()},
+    }

@@ -1,0 +1,367 @@
+"""The client of the MedSAM2 server: standard library (http.client) and numpy only, so it runs inside 3D Slicer.
+
+`RemoteSession` mirrors the engine's `VolumeSession` (same method and field names), so a caller can use either.
+A volume the server already holds (same fingerprint) is not uploaded again. When the server has dropped a
+session (idle timeout, memory eviction, restart), the session is re-opened once, transparently: the volume is
+re-sent if needed and the prompts of the live objects are replayed, then the call is retried.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import http.client
+import io
+import json
+import socket
+import urllib.parse
+
+import numpy as np
+
+from . import errors, protocol, wire
+
+
+@dataclasses.dataclass
+class SliceMask:
+    """One object's mask on one slice: the fields of the engine's `SliceResult` (without logits)."""
+
+    obj_id: int
+    slice_index: int
+    mask: np.ndarray  # bool (H, W), the full slice
+    object_score: float
+    iou: float
+    stage: str
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class MedSAM2Client:
+    """A connection profile for one server. `codec` "raw" or "zlib" (default: raw on loopback, else zlib)."""
+
+    def __init__(self, url: str = f"http://127.0.0.1:{protocol.DEFAULT_PORT}", token: str | None = None,
+                 timeout: float = 120.0, connect_timeout: float = 5.0, codec: str | None = None):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise errors.BadRequest(f"The server address {url!r} is not an http:// or https:// URL.")
+        self.url = url.rstrip("/")
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname, parts.port or (443 if self._https else 80)
+        self.token = token
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.codec = codec or ("raw" if _is_loopback(self._host) else "zlib")
+        self._compatible = False
+
+    # ---- public -----------------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        """The server's liveness and versions (no token needed); raises VersionMismatch on another protocol."""
+        try:
+            info = self.request_json("GET", protocol.HEALTH)
+        except errors.NotFound:
+            raise errors.VersionMismatch(f"{self.url} does not answer like a MedSAM2 server of this protocol "
+                                         f"version ({protocol.PROTOCOL_VERSION}); check the address and update "
+                                         f"the server or the extension.") from None
+        version = info.get("protocol_version")
+        if version != protocol.PROTOCOL_VERSION:
+            raise errors.VersionMismatch(
+                f"The MedSAM2 server at {self.url} speaks protocol version {version}, this extension "
+                f"{protocol.PROTOCOL_VERSION}. Update the server or the extension so both are the same release.")
+        self._compatible = True
+        return info
+
+    def capabilities(self) -> dict:
+        """What the server offers: versions, model and checkpoint, limits, prompt and propagation options."""
+        self._ensure_compatible()
+        return self.request_json("GET", protocol.CAPABILITIES)
+
+    def open_session(self, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
+                     preprocessing: dict | None = None) -> "RemoteSession":
+        """A session on the server for `volume` (uploaded only if the server does not have it already)."""
+        self._ensure_compatible()
+        return RemoteSession(self, volume, spacing, axis, preprocessing)
+
+    # ---- transport --------------------------------------------------------------------------------------------
+    def _ensure_compatible(self) -> None:
+        if not self._compatible:
+            self.health()
+
+    def _headers(self, extra: dict | None = None) -> dict:
+        # One connection per request, closed by the server after it: closing a response then closes the socket,
+        # which is how an abandoned propagation stream tells the server to stop.
+        h = {protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION), "Connection": "close"}
+        if self.token:
+            h[protocol.AUTHORIZATION] = f"Bearer {self.token}"
+        h.update(extra or {})
+        return h
+
+    def _connect(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.connect_timeout)
+        with self._translated_errors():
+            conn.connect()
+        conn.sock.settimeout(self.timeout)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _translated_errors(self):
+        return _TranslatedErrors(self)
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None) -> http.client.HTTPResponse:
+        """Send one request; a non-2xx answer raises the typed error. The caller reads (and closes) the response."""
+        conn = self._connect()
+        try:
+            with self._translated_errors():
+                try:
+                    conn.request(method, path, body=body, headers=self._headers(headers))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the server answered (and closed) before reading everything: read its answer
+                response = conn.getresponse()
+            if response.status >= 300:
+                with self._translated_errors():
+                    raw = response.read()
+                try:
+                    payload = json.loads(raw)
+                except ValueError:
+                    payload = None
+                raise errors.from_error_body(payload, response.status)
+            return response
+        except BaseException:
+            conn.close()
+            raise
+
+    def request_json(self, method: str, path: str, obj=None) -> dict:
+        body = None if obj is None else json.dumps(obj).encode()
+        response = self.request(method, path, body, {"Content-Type": "application/json"} if body else None)
+        with self._translated_errors():
+            data = response.read()
+        response.close()
+        return json.loads(data)
+
+    def upload_volume(self, volume: np.ndarray, fingerprint: str, spacing, axis: int,
+                      preprocessing: dict | None) -> dict:
+        header, chunks = wire.encode_volume(volume, spacing, axis, self.codec, fingerprint)
+        extra = {"Content-Type": wire.VOLUME_MEDIA_TYPE}
+        if preprocessing:
+            extra[protocol.PREPROCESSING_HEADER] = json.dumps(preprocessing)
+        if self.codec == "raw":
+            extra["Content-Length"] = str(len(header) + volume.nbytes)
+        body = _chain(header, chunks)
+        response = self.request("POST", protocol.SESSIONS, body, extra)
+        with self._translated_errors():
+            data = response.read()
+        response.close()
+        return json.loads(data)
+
+
+class _TranslatedErrors:
+    """Turns socket and HTTP library errors into the client's typed errors, naming the server."""
+
+    def __init__(self, client: MedSAM2Client):
+        self.client = client
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, errors.MedSAM2Error):
+            return False
+        url = self.client.url
+        if isinstance(exc, ConnectionRefusedError):
+            raise errors.ConnectionRefused(
+                f"No MedSAM2 server answers at {url}. Start it (medsam2-server) or check the server address in "
+                f"the module settings.") from exc
+        if isinstance(exc, (TimeoutError, socket.timeout)):
+            raise errors.Timeout(f"The MedSAM2 server at {url} did not answer within {self.client.timeout:g} s. "
+                                 f"It may be overloaded or stuck; try again, or restart it.") from exc
+        if isinstance(exc, (OSError, http.client.HTTPException, EOFError)):
+            raise errors.BackendUnavailable(
+                f"The connection to the MedSAM2 server at {url} was lost ({type(exc).__name__}). Check that the "
+                f"server is still running, then try again.") from exc
+        return False
+
+
+def _chain(header: bytes, chunks):
+    yield header
+    yield from chunks
+
+
+class RemoteSession:
+    """A volume on the server; the same methods as the engine's `VolumeSession`."""
+
+    def __init__(self, client: MedSAM2Client, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
+                 preprocessing: dict | None = None):
+        self._client = client
+        try:
+            self._volume = wire.wire_array(volume)
+        except wire.WireFormatError as e:
+            raise errors.BadRequest(str(e)) from None
+        self.spacing = tuple(float(s) for s in spacing)
+        self.axis = axis
+        self._preprocessing = dict(preprocessing) if preprocessing else None
+        self.fingerprint = wire.fingerprint(self._volume)
+        self._prompts: list[dict] = []  # the prompt requests of the live objects, replayed on re-open
+        self.uploads = 0  # volume uploads so far (0 when the server already had the volume)
+        self.reopened = 0  # transparent re-opens after the server dropped the session
+        self.session_id: str | None = None
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            info = self._client.request_json("POST", protocol.SESSIONS, {
+                "fingerprint": self.fingerprint, "spacing": list(self.spacing), "axis": self.axis,
+                "preprocessing": self._preprocessing})
+        except errors.NotFound:
+            info = self._client.upload_volume(self._volume, self.fingerprint, self.spacing, self.axis,
+                                              self._preprocessing)
+            self.uploads += 1
+        self.session_id = info["session_id"]
+        self.num_slices = info["num_slices"]
+        self.slice_shape = tuple(info["slice_shape"])
+
+    def _path(self, route: str, **params) -> str:
+        return route.format(session_id=self.session_id, **params)
+
+    def _reopening(self, call):
+        """Run `call`; if the server dropped the session, re-open it, replay the prompts and run it once more."""
+        try:
+            return call()
+        except errors.SessionExpired:
+            self._open()
+            for body in self._prompts:
+                self._send_prompt(body)
+            self.reopened += 1
+            return call()
+
+    # ---- the engine session's methods ---------------------------------------------------------------------------
+    def add_prompt(self, obj_id: int, slice_index: int, *, points=None, labels=None, box=None, mask=None,
+                   replace: bool = False) -> SliceMask:
+        """Points (x = column, y = row), a box (x0, y0, x1, y1) or a mask for one object on one slice."""
+        body = {"obj_id": _plain(obj_id), "slice_index": _plain(slice_index), "replace": bool(replace)}
+        if points is not None:
+            body["points"] = np.asarray(points, float).tolist()
+        if labels is not None:
+            body["labels"] = np.asarray(labels).tolist()
+        if box is not None:
+            body["box"] = np.asarray(box, float).reshape(-1).tolist()
+        if mask is not None:
+            try:
+                body["mask"] = base64.b64encode(wire.encode_mask(mask)).decode()
+            except wire.WireFormatError as e:
+                raise errors.BadRequest(str(e)) from None
+        result = self._reopening(lambda: self._send_prompt(body))
+        self._prompts.append(body)
+        return result
+
+    def _send_prompt(self, body: dict) -> SliceMask:
+        response = self._client.request("POST", self._path(protocol.PROMPTS), json.dumps(body).encode(),
+                                        {"Content-Type": "application/json"})
+        with self._client._translated_errors():
+            data = response.read()
+        response.close()
+        kind, payload = wire.read_frame(io.BytesIO(data))
+        if kind != wire.SLICE:
+            raise errors.ServerError("The server answered a prompt without a mask; check the server log.")
+        return _slice_mask(wire.parse_slice(payload))
+
+    def propagate(self, obj_ids=None, direction: str = "both", start: int | None = None, stop: int | None = None,
+                  stop_after_empty: int | None = None, postprocess=()) -> "RemotePropagation":
+        """Start a propagation; iterate the result for the slices as the server computes them."""
+        body = {"obj_ids": None if obj_ids is None else [_plain(o) for o in obj_ids], "direction": direction,
+                "start": _plain(start), "stop": _plain(stop), "stop_after_empty": _plain(stop_after_empty),
+                "postprocess": list(postprocess)}
+        return self._reopening(lambda: RemotePropagation(self, body))
+
+    def set_preprocessing(self, preprocessing: dict | None) -> None:
+        """Change the intensity mapping (a CT preset, level/width, percentiles, resize); prompts are kept."""
+        options = dict(preprocessing or {})
+        self._reopening(lambda: self._client.request_json("PUT", self._path(protocol.PREPROCESSING), options))
+        self._preprocessing = options or None
+
+    def reset_object(self, obj_id: int) -> None:
+        self._reopening(lambda: self._client.request_json("DELETE", self._path(protocol.OBJECT, obj_id=obj_id)))
+        self._prompts = [b for b in self._prompts if b["obj_id"] != obj_id]
+
+    def close(self) -> None:
+        """Free the session on the server (a session that is gone already is fine)."""
+        try:
+            self._client.request_json("DELETE", self._path(protocol.SESSION))
+        except errors.SessionExpired:
+            pass
+        self._prompts = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RemotePropagation:
+    """A propagation streaming from the server: `planned` at once, then the slices, then `summary`."""
+
+    def __init__(self, session: RemoteSession, body: dict):
+        self._session = session
+        self._client = session._client
+        self._response = self._client.request("POST", session._path(protocol.PROPAGATE), json.dumps(body).encode(),
+                                              {"Content-Type": "application/json"})
+        self._cancelled = False
+        self.summary: dict | None = None
+        self.done = 0
+        kind, payload = self._next_frame()
+        if kind != wire.START:
+            raise errors.ServerError("The server's propagation stream did not start properly; check its log.")
+        self.planned = json.loads(payload)["planned"]
+
+    def _next_frame(self) -> tuple[int, bytes]:
+        with self._client._translated_errors():
+            item = wire.read_frame(self._response)
+        if item is None:
+            raise errors.BackendUnavailable(
+                f"The MedSAM2 server at {self._client.url} stopped sending before the propagation finished (did "
+                f"it stop or restart?). The slices received so far are kept; propagate again when it is back.")
+        kind, payload = item
+        if kind == wire.ERROR:
+            raise errors.from_error_body(json.loads(payload), 500)
+        return kind, payload
+
+    def __iter__(self):
+        try:
+            while self.summary is None:
+                kind, payload = self._next_frame()
+                if kind == wire.SUMMARY:
+                    self.summary = _summary(json.loads(payload))
+                elif kind == wire.SLICE:
+                    f = wire.parse_slice(payload)
+                    self.done = f.done
+                    if not self._cancelled:
+                        yield _slice_mask(f)
+        finally:
+            self.close()
+
+    def cancel(self) -> None:
+        """Ask the server to stop after the slice it is computing (safe from any thread)."""
+        self._cancelled = True
+        try:
+            self._client.request_json("POST", self._session._path(protocol.CANCEL))
+        except errors.SessionExpired:
+            pass
+
+    def close(self) -> None:
+        """Stop reading; an unfinished propagation is cancelled by the server when the connection closes."""
+        self._response.close()
+
+
+def _slice_mask(f: wire.SliceFrame) -> SliceMask:
+    return SliceMask(f.obj_id, f.slice_index, f.mask, f.object_score, f.iou, f.stage)
+
+
+def _summary(s: dict) -> dict:
+    return {"planned": s["planned"], "slices_done": s["slices_done"], "cancelled": s["cancelled"],
+            "stopped_early": {(e["obj_id"], e["direction"]): e["slice_index"] for e in s["stopped_early"]},
+            "least_certain": {int(o): [(k, iou) for k, iou in items] for o, items in s["least_certain"].items()}}
+
+
+def _plain(x):
+    """numpy integers as Python ints, so they serialise as JSON numbers."""
+    return x.item() if isinstance(x, np.generic) else x

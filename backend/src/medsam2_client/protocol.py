@@ -1,0 +1,47 @@
+"""The HTTP protocol shared by the server and the client: version, routes, error codes, headers, default limits.
+
+Both sides import these names so a route or code can never be spelled two ways. The protocol version changes
+when a request or response changes incompatibly; the client refuses a server with another major version.
+"""
+
+PROTOCOL_VERSION = 1
+API_PREFIX = "/v1"
+
+# Routes (the session id and object id are path parameters).
+HEALTH = API_PREFIX + "/health"
+CAPABILITIES = API_PREFIX + "/capabilities"
+SESSIONS = API_PREFIX + "/sessions"
+SESSION = SESSIONS + "/{session_id}"
+PROMPTS = SESSION + "/prompts"
+PROPAGATE = SESSION + "/propagate"
+CANCEL = SESSION + "/cancel"
+PREPROCESSING = SESSION + "/preprocessing"
+OBJECT = SESSION + "/objects/{obj_id}"
+
+# Stable error codes and the HTTP status each is sent with.
+BAD_REQUEST = "bad_request"
+UNAUTHORIZED = "unauthorized"
+NOT_FOUND = "not_found"
+SESSION_EXPIRED = "session_expired"
+TOO_LARGE = "too_large"
+BUSY = "busy"
+INTERNAL = "internal"
+HTTP_STATUS = {BAD_REQUEST: 400, UNAUTHORIZED: 401, NOT_FOUND: 404, SESSION_EXPIRED: 410, TOO_LARGE: 413,
+               BUSY: 409, INTERNAL: 500}
+
+# Headers.
+AUTHORIZATION = "Authorization"  # "Bearer <token>"
+PROTOCOL_HEADER = "X-MedSAM2-Protocol"  # the client's protocol version, on every request
+PREPROCESSING_HEADER = "X-MedSAM2-Preprocessing"  # JSON preprocessing sent along with a volume upload
+
+# Default limits of a server (the server reports its own in /capabilities).
+DEFAULT_PORT = 8765
+DEFAULT_MAX_SESSIONS = 8
+DEFAULT_MEMORY_BUDGET_BYTES = 8 << 30
+DEFAULT_IDLE_TIMEOUT_S = 30 * 60
+DEFAULT_MAX_UPLOAD_BYTES = 2 << 30
+MAX_JSON_BYTES = 64 << 20  # a JSON request (a mask prompt is a few kB compressed)
+
+PROMPT_TYPES = ("points", "box", "mask")
+DIRECTIONS = ("both", "forward", "backward")
+POSTPROCESS_STEPS = ("largest_component", "fill_holes")

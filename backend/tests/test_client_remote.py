@@ -1,0 +1,185 @@
+"""The torch-free client against real servers (uvicorn in a thread): exact masks, concurrency, eviction, cancel."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from medsam2_backend.engine import DiskEngine
+from medsam2_client import MedSAM2Client, errors
+from server_helpers import SlowDiskEngine, box_mask, random_volume, thread_server
+
+
+@pytest.fixture(scope="module")
+def server():
+    with thread_server(DiskEngine(radius=5, shrink=1), token="t0ken") as (url, app):
+        yield url, app
+
+
+@pytest.fixture
+def client(server):
+    return MedSAM2Client(server[0], token="t0ken", timeout=10)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_masks_through_the_wire_follow_the_axis(client, axis):
+    vol = random_volume((12, 40, 50))
+    s = client.open_session(vol, spacing=(2.0, 0.8, 0.8), axis=axis)
+    slice_shape = tuple(n for i, n in enumerate(vol.shape) if i != axis)
+    assert (s.num_slices, s.slice_shape) == (vol.shape[axis], slice_shape)
+    box = (2, 3, 9, 10)  # x0, y0, x1, y1: columns 2..9, rows 3..10 of the slice
+    r = s.add_prompt(4, 5, box=box)
+    assert (r.obj_id, r.slice_index, r.stage, r.object_score, r.iou) == (4, 5, "prompt", 5.0, 1.0)
+    assert r.mask.shape == slice_shape and np.array_equal(r.mask, box_mask(slice_shape, box))
+    run = s.propagate(start=2, stop=9)
+    assert run.planned == 8
+    got = {m.slice_index: m for m in run}
+    assert sorted(got) == list(range(2, 10))
+    for k, m in got.items():
+        assert np.array_equal(m.mask, box_mask(slice_shape, box, abs(k - 5))), k  # 1 px per slice per side
+        assert m.iou == pytest.approx(1 - 0.01 * abs(k - 5)) and m.stage == "propagate"
+    assert run.summary["slices_done"] == 8 and run.summary["cancelled"] is False
+    least = run.summary["least_certain"][4]
+    assert least[0] == (9, pytest.approx(0.96)) and {k for k, _ in least[1:3]} == {2, 8}  # farthest: least certain
+    s.close()
+
+
+def test_repeat_open_skips_the_upload_and_points_work(client):
+    vol = random_volume((6, 32, 32), seed=3)
+    a = client.open_session(vol)
+    b = client.open_session(vol.copy(), spacing=(3, 1, 1))
+    assert (a.uploads, b.uploads) == (1, 0) and a.session_id != b.session_id
+    r = b.add_prompt(0, 3, points=np.array([[10, 12], [20, 12]]), labels=np.array([1, 0]))
+    rows, cols = np.ogrid[:32, :32]
+    expected = ((cols - 10) ** 2 + (rows - 12) ** 2 <= 25) & ~((cols - 20) ** 2 + (rows - 12) ** 2 <= 25)
+    assert np.array_equal(r.mask, expected)
+    b.reset_object(0)
+    with pytest.raises(errors.BadRequest, match="Nothing to propagate"):
+        b.propagate()
+    with pytest.raises(errors.BadRequest, match="outside the volume"):
+        a.add_prompt(1, 6, box=(1, 1, 4, 4))
+
+
+def test_wrong_or_missing_token(server):
+    vol = random_volume((4, 16, 16))
+    for token in (None, "wrong"):
+        c = MedSAM2Client(server[0], token=token)
+        assert c.health()["status"] == "ok"
+        with pytest.raises(errors.Unauthorized, match="token"):
+            c.open_session(vol)
+
+
+def test_nothing_listening_is_a_typed_error():
+    from server_helpers import free_port
+
+    c = MedSAM2Client(f"http://127.0.0.1:{free_port()}")
+    t0 = time.monotonic()
+    with pytest.raises(errors.ConnectionRefused, match="No MedSAM2 server answers"):
+        c.capabilities()
+    assert time.monotonic() - t0 < 2
+
+
+def _segment(client, seed):
+    shape = (10 + seed % 3, 36 + seed, 44)
+    vol = random_volume(shape, seed=seed)
+    s = client.open_session(vol, axis=seed % 3)
+    h, w = s.slice_shape
+    box = (3, 2, min(w - 2, 20 + seed), min(h - 2, 25))
+    first = s.add_prompt(1, 4, box=box)
+    masks = {m.slice_index: m.mask for m in s.propagate()}
+    masks[4] = masks.get(4, first.mask)
+    return vol, seed % 3, box, masks, s
+
+
+def _reference(vol, axis, box):
+    ref = DiskEngine(radius=5, shrink=1).open_session(vol, axis=axis)
+    ref.add_prompt(1, 4, box=box)
+    list(ref.propagate())
+    return ref.object_mask(1)
+
+
+def test_eight_clients_at_once_get_their_own_results(server):
+    results, failures = {}, []
+
+    def work(seed):
+        try:
+            results[seed] = _segment(MedSAM2Client(server[0], token="t0ken", timeout=30), seed)
+        except Exception as e:  # reported below
+            failures.append((seed, e))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures
+    for seed, (vol, axis, box, masks, session) in results.items():
+        expected = np.moveaxis(_reference(vol, axis, box), axis, 0)
+        got = np.stack([masks[k] for k in range(vol.shape[axis])])
+        assert np.array_equal(got, expected), seed
+        assert expected.sum() > 0
+        session.close()
+
+
+def test_memory_eviction_is_handled_by_a_transparent_reopen():
+    vol_bytes = 8 * 64 * 64 * 2
+    # Room for two volumes with one object each, not for three.
+    with thread_server(DiskEngine(radius=5, shrink=1), memory_budget_bytes=int(2.5 * vol_bytes * 1.5)) as (url, app):
+        c = MedSAM2Client(url)
+        sessions = [c.open_session(random_volume((8, 64, 64), seed=i)) for i in range(3)]
+        sessions[0].add_prompt(2, 3, box=(10, 10, 30, 30))
+        sessions[1].add_prompt(2, 3, box=(10, 10, 30, 30))
+        sessions[2].add_prompt(2, 3, box=(10, 10, 30, 30))
+        assert app.state.manager.evictions >= 1
+        s = sessions[0]
+        run = s.propagate()
+        masks = {m.slice_index: m.mask for m in run}
+        assert s.reopened == 1 and s.uploads == 2
+        for k in range(8):
+            if k != 3:
+                assert np.array_equal(masks[k], box_mask((64, 64), (10, 10, 30, 30), abs(k - 3))), k
+        assert app.state.manager.memory_bytes() <= app.state.manager.memory_budget_bytes
+
+
+def test_cancel_and_disconnect_stop_the_engine_within_a_slice():
+    engine = SlowDiskEngine(0.05, radius=5, shrink=0)
+    with thread_server(engine) as (url, _):
+        c = MedSAM2Client(url, timeout=10)
+        s = c.open_session(random_volume((60, 32, 32)))
+        s.add_prompt(1, 0, box=(5, 5, 20, 20))
+        run = s.propagate()
+        assert run.planned == 60
+        seen = []
+        for m in run:
+            seen.append(m.slice_index)
+            if len(seen) == 3:
+                run.cancel()
+        assert run.summary["cancelled"] is True and run.summary["slices_done"] < 20
+        assert len(seen) == 3
+        # The session is free again at once: a prompt does not wait for the rest of the run.
+        t0 = time.monotonic()
+        s.add_prompt(1, 0, box=(5, 5, 20, 20))
+        assert time.monotonic() - t0 < 1.0
+
+        engine.tracked = 0
+        run = s.propagate()
+        next(iter(run))
+        run.close()  # the client goes away without a word
+        time.sleep(0.6)
+        stopped_at = engine.tracked
+        time.sleep(0.5)
+        assert engine.tracked == stopped_at and stopped_at < 30
+        s.add_prompt(1, 10, box=(5, 5, 20, 20))  # and the session is usable
+
+
+def test_a_busy_session_answers_busy_instead_of_hanging():
+    engine = SlowDiskEngine(0.2, radius=5, shrink=0)
+    with thread_server(engine, busy_wait_s=0.3) as (url, _):
+        s = MedSAM2Client(url).open_session(random_volume((30, 16, 16)))
+        s.add_prompt(1, 0, box=(2, 2, 9, 9))
+        run = s.propagate()
+        with pytest.raises(errors.Busy, match="busy"):
+            s.add_prompt(1, 3, box=(2, 2, 9, 9))
+        run.cancel()
+        assert list(run) == [] and run.summary["cancelled"]

@@ -1,0 +1,263 @@
+"""The app in process (FastAPI TestClient): auth, the error contract and a corpus of bad input.
+
+Each bad request must get its stable code and a message a user can act on, and a good request right after it
+must still succeed: the server never falls over on input.
+"""
+
+import base64
+import io
+import json
+import struct
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from medsam2_backend.engine import DiskEngine
+from medsam2_backend.server import make_app
+from medsam2_client import protocol, wire
+from server_helpers import box_mask, random_volume
+
+TOKEN = "correct horse battery staple"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SHAPE = (8, 30, 40)
+
+
+def upload_body(vol, codec="raw", spacing=(1.0, 1.0, 1.0), axis=0) -> bytes:
+    header, chunks = wire.encode_volume(vol, spacing, axis, codec)
+    return header + b"".join(chunks)
+
+
+def open_session(http, vol, **kw) -> str:
+    r = http.post(protocol.SESSIONS, content=upload_body(vol, **kw),
+                  headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
+    assert r.status_code == 201, r.text
+    return r.json()["session_id"]
+
+
+def prompt(http, sid, **body):
+    return http.post(protocol.PROMPTS.format(session_id=sid), json=body, headers=AUTH)
+
+
+def slice_of(response) -> wire.SliceFrame:
+    kind, payload = wire.read_frame(io.BytesIO(response.content))
+    assert kind == wire.SLICE
+    return wire.parse_slice(payload)
+
+
+@pytest.fixture
+def http():
+    with TestClient(make_app(DiskEngine(radius=4, shrink=1), token=TOKEN, max_upload_bytes=1 << 20,
+                             memory_budget_bytes=64 << 20)) as client:
+        yield client
+
+
+@pytest.fixture
+def sid(http):
+    return open_session(http, random_volume(SHAPE))
+
+
+def assert_good_request_works(http, sid):
+    r = prompt(http, sid, obj_id=1, slice_index=2, box=[5, 6, 15, 20])
+    assert r.status_code == 200, r.text
+    assert np.array_equal(slice_of(r).mask, box_mask(SHAPE[1:], (5, 6, 15, 20)))
+
+
+def assert_error(r, status, code, *words):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code
+    assert all(w.lower() in err["message"].lower() for w in words), err["message"]
+
+
+def test_health_needs_no_token_but_everything_else_does(http):
+    assert http.get(protocol.HEALTH).json() == {"status": "ok", "protocol_version": protocol.PROTOCOL_VERSION,
+                                                 "server_version": "0.1.0"}
+    assert_error(http.get(protocol.CAPABILITIES), 401, "unauthorized", "token")
+    assert_error(http.get(protocol.CAPABILITIES, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    assert_error(http.get(protocol.CAPABILITIES, headers={"Authorization": TOKEN}), 401, "unauthorized")
+    r = http.post(protocol.SESSIONS, content=upload_body(random_volume(SHAPE)),
+                  headers={"Content-Type": wire.VOLUME_MEDIA_TYPE})
+    assert_error(r, 401, "unauthorized")
+    caps = http.get(protocol.CAPABILITIES, headers=AUTH).json()
+    assert caps["protocol_version"] == protocol.PROTOCOL_VERSION
+    assert caps["engine"]["engine"] == "disk-test-engine" and caps["engine"]["checkpoint"] == "none"
+    assert caps["limits"]["max_upload_bytes"] == 1 << 20
+    assert caps["prompt_types"] == ["points", "box", "mask"] and "warning" not in caps
+    assert "/v1/sessions/{session_id}/propagate" in http.get("/openapi.json").json()["paths"]
+
+
+def test_protocol_version_mismatch_is_named(http):
+    r = http.get(protocol.CAPABILITIES, headers={**AUTH, protocol.PROTOCOL_HEADER: "99"})
+    assert_error(r, 400, "bad_request", "protocol 99", "update")
+
+
+def test_session_lifecycle_and_fingerprint_reuse(http, sid):
+    vol = random_volume(SHAPE)
+    fp = wire.fingerprint(vol)
+    r = http.post(protocol.SESSIONS, json={"fingerprint": fp, "axis": 2, "spacing": [1, 1, 3]}, headers=AUTH)
+    assert r.status_code == 201 and r.json()["slice_shape"] == [8, 30] and r.json()["num_slices"] == 40
+    r = http.post(protocol.SESSIONS, json={"fingerprint": "0" * 32}, headers=AUTH)
+    assert_error(r, 404, "not_found", "upload")
+    assert http.delete(protocol.SESSION.format(session_id=sid), headers=AUTH).json() == {"closed": True}
+    assert_error(prompt(http, sid, obj_id=1, slice_index=2, box=[5, 6, 15, 20]), 410, "session_expired",
+                 "closed", "open it again")
+    # The closed session's volume stays available by fingerprint.
+    assert http.post(protocol.SESSIONS, json={"fingerprint": fp}, headers=AUTH).status_code == 201
+
+
+def test_propagation_through_test_client(http, sid):
+    assert prompt(http, sid, obj_id=3, slice_index=4, box=[10, 5, 30, 25]).status_code == 200
+    r = http.post(protocol.PROPAGATE.format(session_id=sid), json={"start": 2, "stop": 6}, headers=AUTH)
+    f = io.BytesIO(r.content)
+    frames = []
+    while (item := wire.read_frame(f)) is not None:
+        frames.append(item)
+    assert frames[0] == (wire.START, b'{"planned": 5}')
+    slices = {s.slice_index: s for s in (wire.parse_slice(p) for k, p in frames if k == wire.SLICE)}
+    assert sorted(slices) == [2, 3, 4, 5, 6]
+    for k, s in slices.items():
+        assert np.array_equal(s.mask, box_mask(SHAPE[1:], (10, 5, 30, 25), abs(k - 4))), k
+    summary = json.loads(frames[-1][1])
+    assert frames[-1][0] == wire.SUMMARY and summary["slices_done"] == 5 and not summary["cancelled"]
+    assert sorted(map(tuple, summary["least_certain"]["3"][:2])) == [(2, pytest.approx(0.98)), (6, pytest.approx(0.98))]
+
+
+def _corrupt_fingerprint(body: bytes) -> bytes:
+    return body[:-1] + bytes([body[-1] ^ 1])
+
+
+BAD_UPLOADS = [
+    ("not a volume", lambda b: b"GIF89a" + b[6:], 400, "bad_request", "magic"),
+    ("truncated header", lambda b: b[:30], 400, "bad_request", "header"),
+    ("truncated body", lambda b: b[:-100], 400, "bad_request", "truncated"),
+    ("dtype code", lambda b: b[:6] + bytes([42]) + b[7:], 400, "bad_request", "voxel type"),
+    ("huge dims", lambda b: b[:10] + struct.pack("<3I", 16000, 16000, 16000) + b[22:], 413, "too_large", "MiB"),
+    ("side too long", lambda b: b[:10] + struct.pack("<3I", 1, 1, 99999) + b[22:], 400, "bad_request", "side"),
+    ("corrupted", _corrupt_fingerprint, 400, "bad_request", "fingerprint"),
+    ("oversize", lambda b: b + bytes(2 << 20), 413, "too_large", "max-upload-mb"),
+]
+
+
+@pytest.mark.parametrize("name, mutate, status, code, word", BAD_UPLOADS, ids=[u[0] for u in BAD_UPLOADS])
+def test_bad_uploads(http, sid, name, mutate, status, code, word):
+    body = mutate(upload_body(random_volume(SHAPE, seed=5)))
+    r = http.post(protocol.SESSIONS, content=body, headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
+    assert_error(r, status, code, word)
+    assert_good_request_works(http, sid)
+
+
+def test_nan_volume_and_wrong_content_type(http, sid):
+    vol = np.zeros(SHAPE, np.float32)
+    vol[3, 4, 5] = np.nan
+    r = http.post(protocol.SESSIONS, content=upload_body(vol),
+                  headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
+    assert_error(r, 400, "bad_request", "NaN")
+    r = http.post(protocol.SESSIONS, content=b"hello", headers={**AUTH, "Content-Type": "text/plain"})
+    assert_error(r, 400, "bad_request", wire.VOLUME_MEDIA_TYPE)
+    r = http.post(protocol.SESSIONS, content=b"{nope", headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(r, 400, "bad_request", "JSON")
+    assert_good_request_works(http, sid)
+
+
+BAD_PROMPTS = [
+    ({"obj_id": 1, "slice_index": 99, "box": [1, 1, 5, 5]}, "outside the volume"),
+    ({"obj_id": 1, "slice_index": -1, "box": [1, 1, 5, 5]}, "outside the volume"),
+    ({"obj_id": 1, "slice_index": 2, "box": [20, 1, 5, 5]}, "reversed"),
+    ({"obj_id": 1, "slice_index": 2, "box": [1, 1, 500, 5]}, "outside the slice"),
+    ({"obj_id": 1, "slice_index": 2, "points": [[50, 5]], "labels": [1]}, "outside the slice"),
+    ({"obj_id": 1, "slice_index": 2, "points": [[5, 5]], "labels": [7]}, "label"),
+    ({"obj_id": 1, "slice_index": 2, "points": [[5, 5]]}, "labels go together"),
+    ({"obj_id": -4, "slice_index": 2, "box": [1, 1, 5, 5]}, "object id"),
+    ({"obj_id": "one", "slice_index": 2, "box": [1, 1, 5, 5]}, "obj_id"),
+    ({"obj_id": 1, "slice_index": 2.5, "box": [1, 1, 5, 5]}, "slice_index"),
+    ({"obj_id": 1, "slice_index": 2}, "needs points, a box or a mask"),
+    ({"obj_id": 1, "slice_index": 2, "box": [1, 1, 5, 5], "colour": "red"}, "colour"),
+    ({"obj_id": 1, "slice_index": 2, "mask": "%%%"}, "base64"),
+    ({"obj_id": 1, "slice_index": 2, "mask": base64.b64encode(wire.encode_mask(np.ones((3, 3), bool))).decode()},
+     "shape"),
+]
+
+
+@pytest.mark.parametrize("body, words", BAD_PROMPTS)
+def test_bad_prompts(http, sid, body, words):
+    assert_error(prompt(http, sid, **body), 400, "bad_request", words)
+    assert_good_request_works(http, sid)
+
+
+def test_nan_point_and_bad_json(http, sid):
+    r = http.post(protocol.PROMPTS.format(session_id=sid), headers={**AUTH, "Content-Type": "application/json"},
+                  content=b'{"obj_id": 1, "slice_index": 2, "points": [[NaN, 3]], "labels": [1]}')
+    assert_error(r, 400, "bad_request", "NaN")
+    r = http.post(protocol.PROMPTS.format(session_id=sid), headers={**AUTH, "Content-Type": "application/json"},
+                  content=b'{"obj_id": 1,')
+    assert_error(r, 400, "bad_request")
+    assert_good_request_works(http, sid)
+
+
+def test_mask_prompt_round_trip(http, sid):
+    m = np.zeros(SHAPE[1:], bool)
+    m[3:9, 30:37] = True
+    r = prompt(http, sid, obj_id=2, slice_index=0, mask=base64.b64encode(wire.encode_mask(m)).decode())
+    assert r.status_code == 200 and np.array_equal(slice_of(r).mask, m)
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"start": 5, "stop": 2}, "empty"),
+    ({"direction": "sideways"}, "direction"),
+    ({"obj_ids": [77]}, "no prompt"),
+    ({"stop_after_empty": 0}, "at least 1"),
+    ({"postprocess": ["smooth"]}, "post-processing"),
+    ({"stop": 8}, "outside the volume"),
+])
+def test_bad_propagation_requests(http, sid, body, words):
+    assert prompt(http, sid, obj_id=1, slice_index=2, box=[5, 6, 15, 20]).status_code == 200
+    r = http.post(protocol.PROPAGATE.format(session_id=sid), json=body, headers=AUTH)
+    assert_error(r, 400, "bad_request", words)
+    r = http.post(protocol.PROPAGATE.format(session_id=sid), json={}, headers=AUTH)  # the session is free again
+    assert r.status_code == 200 and r.content.endswith(b"}")
+
+
+def test_unknown_session_route_and_preprocessing(http, sid):
+    assert_error(prompt(http, "no-such-session", obj_id=1, slice_index=2, box=[1, 1, 5, 5]), 410,
+                 "session_expired", "restarted")
+    assert_error(http.get("/v1/nothing-here", headers=AUTH), 404, "not_found")
+    url = protocol.PREPROCESSING.format(session_id=sid)
+    assert_error(http.put(url, json={"preset": "kidney"}, headers=AUTH), 400, "bad_request", "preset")
+    assert_error(http.put(url, json={"level": "high", "width": 3}, headers=AUTH), 400, "bad_request", "numbers")
+    assert_error(http.put(url, json={"gamma": 2}, headers=AUTH), 400, "bad_request", "fields")
+    assert http.put(url, json={"preset": "lung"}, headers=AUTH).json() == {"ok": True}
+    assert_good_request_works(http, sid)
+    r = http.delete(protocol.OBJECT.format(session_id=sid, obj_id=1), headers=AUTH)
+    assert r.json() == {"ok": True}
+    r = http.post(protocol.PROPAGATE.format(session_id=sid), json={}, headers=AUTH)
+    assert_error(r, 400, "bad_request", "Nothing to propagate")
+
+
+def test_idle_sessions_expire():
+    with TestClient(make_app(DiskEngine(), idle_timeout_s=0.3)) as http:
+        sid = open_session(http, random_volume(SHAPE))
+        time.sleep(0.5)
+        r = http.post(protocol.PROMPTS.format(session_id=sid), json={"obj_id": 1, "slice_index": 0,
+                                                                     "box": [1, 1, 5, 5]})
+        assert_error(r, 410, "session_expired", "idle")
+
+
+def test_too_many_sessions_evicts_the_least_recently_used():
+    with TestClient(make_app(DiskEngine(), max_sessions=2)) as http:
+        ids = [open_session(http, random_volume(SHAPE, seed=i)) for i in range(3)]
+        assert http.app.state.manager.stats()["sessions"] == 2
+        r = http.post(protocol.PROMPTS.format(session_id=ids[0]), json={"obj_id": 1, "slice_index": 0,
+                                                                         "box": [1, 1, 5, 5]})
+        assert_error(r, 410, "session_expired", "evicted")
+        r = http.post(protocol.PROMPTS.format(session_id=ids[2]), json={"obj_id": 1, "slice_index": 0,
+                                                                         "box": [1, 1, 5, 5]})
+        assert r.status_code == 200
+
+
+def test_a_volume_over_the_memory_budget_is_refused():
+    with TestClient(make_app(DiskEngine(), memory_budget_bytes=10_000)) as http:
+        r = http.post(protocol.SESSIONS, content=upload_body(random_volume(SHAPE)),
+                      headers={"Content-Type": wire.VOLUME_MEDIA_TYPE})
+        assert_error(r, 413, "too_large", "memory budget")
