@@ -21,8 +21,9 @@ $(STAMP): requirements-dev.txt backend/pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -q backend/tests Testing
 
+# The Slicer-side path headless (slicer-core): local server, RAS box, propagation, .seg.nrrd + PNG montage.
 demo: setup
-	$(PY) -m medsam2_backend.cli demo --out out/demo
+	PYTHONPATH=MedSAM2Slicer $(PY) -m MedSAM2SlicerLib.demo --out out/demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
 bench: setup
 	$(PY) backend/bench/bench.py $(if $(FULL),--full,)

@@ -63,6 +63,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.directionComboBox = qt.QComboBox()
         self.directionComboBox.addItems(list(DIRECTIONS))
         self.scriptedEffect.addLabeledOptionsWidget("Direction:", self.directionComboBox)
+        self.rangeStartSpinBox, self.rangeStopSpinBox = (self._slice_spin_box(text) for text in ("first", "last"))
+        slice_range = qt.QHBoxLayout()
+        slice_range.addWidget(self.rangeStartSpinBox)
+        slice_range.addWidget(self.rangeStopSpinBox)
+        self.scriptedEffect.addLabeledOptionsWidget("Slices:", slice_range)
+        self.stopAfterEmptySpinBox = qt.QSpinBox()
+        self.stopAfterEmptySpinBox.setRange(0, 100)
+        self.stopAfterEmptySpinBox.specialValueText = "never"
+        self.stopAfterEmptySpinBox.toolTip = "Stop a direction after this many empty slices in a row"
+        self.scriptedEffect.addLabeledOptionsWidget("Auto-stop after empty:", self.stopAfterEmptySpinBox)
         self.propagateButton = qt.QPushButton("Propagate")
         self.propagateButton.connect("clicked()", self.onPropagate)
         self.cancelButton = qt.QPushButton("Cancel")
@@ -74,12 +84,22 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.progressBar = qt.QProgressBar()
         self.scriptedEffect.addOptionsWidget(self.progressBar)
         self.uncertainList = qt.QListWidget()
-        self.uncertainList.toolTip = "Least certain slices (double-click to go there)"
-        self.uncertainList.connect("itemDoubleClicked(QListWidgetItem*)", self.onJumpToSlice)
+        self.uncertainList.toolTip = "Least certain slices, worst first (click one to go there and correct it)"
+        self.uncertainList.connect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
         self.scriptedEffect.addLabeledOptionsWidget("Check:", self.uncertainList)
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
+
+    @staticmethod
+    def _slice_spin_box(end: str):
+        """A slice index along the propagation axis; -1 shows as the volume's first/last slice."""
+        box = qt.QSpinBox()
+        box.setRange(-1, 10000)
+        box.value = -1
+        box.specialValueText = end
+        box.toolTip = f"The {end} slice to propagate to (along the axis of the view you prompted in)"
+        return box
 
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         if viewWidget.className() != "qMRMLSliceWidget":
@@ -105,9 +125,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.progressBar.maximum, self.progressBar.value = planned, done
             slicer.app.processEvents()  # keeps Cancel responsive and shows slices as they arrive
 
+        start, stop = (None if box.value < 0 else box.value for box in (self.rangeStartSpinBox, self.rangeStopSpinBox))
         outcome = self._run(lambda controller, volume, segment_id: controller.propagate(
-            volume, EffectTarget(self.scriptedEffect), segment_id,
-            direction=self.directionComboBox.currentText, progress=progress))
+            volume, EffectTarget(self.scriptedEffect), segment_id, direction=self.directionComboBox.currentText,
+            start=start, stop=stop, stop_after_empty=self.stopAfterEmptySpinBox.value or None, progress=progress))
         if outcome is None:
             return
         self.uncertainList.clear()

@@ -2,7 +2,7 @@
 
     import MedSAM2Slicer
     logic = MedSAM2Slicer.MedSAM2SlicerLogic()
-    logic.connect(url="http://gpu-host:8000", token="...")        # or connect(checkpoint="MedSAM2_latest.pt")
+    logic.connect(url="http://gpu-host:8765", token="...")   # or logic.start_local_server(checkpoint="MedSAM2_latest")
     segment_id = logic.segment(volume, segmentation, box_ras=[[x0, y0, z], [x1, y1, z]], view="axial")
 
 The panel and the effect use the same instance (`shared_logic()`), so a connection made in one is used by both.
@@ -17,6 +17,7 @@ import slicer
 
 from . import geometry
 from .controller import MedSAM2ActionError, PropagationOutcome, SessionController
+from .local_backend import LocalServer, LocalServerError
 from .mrml_io import EditorLogicTarget
 
 
@@ -53,8 +54,19 @@ def _preprocessing(fields: dict | None):
 
 @dataclasses.dataclass
 class ConnectionInfo:
-    kind: str  # "remote", "local" or "in-process"
+    kind: str  # "remote", "local server", "local" (in this process) or "in-process"
     description: str
+
+
+def describe_capabilities(capabilities: dict) -> str:
+    """A server's capabilities as the lines the panel shows, the random-weights warning first."""
+    engine = capabilities.get("engine", {})
+    lines = [f"WARNING: {capabilities['warning']}"] if capabilities.get("warning") else []
+    lines += [f"Model: {engine.get('model', '?')}",
+              f"Checkpoint: {engine.get('checkpoint', '?')}",
+              f"Device: {engine.get('device', '?')} ({engine.get('precision', '?')})",
+              f"Server: {capabilities.get('server_version', '?')}, protocol {capabilities.get('protocol_version')}"]
+    return "\n".join(lines)
 
 
 class MedSAM2SlicerLogic:
@@ -65,6 +77,7 @@ class MedSAM2SlicerLogic:
         self.connection: ConnectionInfo | None = None
         self.preprocessing: dict | None = None
         self._targets: dict[str, EditorLogicTarget] = {}  # segmentation node id -> its undo history
+        self.local_server: LocalServer | None = None
 
     def connect(self, url: str | None = None, token: str | None = None, *, checkpoint: str | None = None,
                 engine=None, device: str | None = None) -> ConnectionInfo:
@@ -86,6 +99,32 @@ class MedSAM2SlicerLogic:
         self.controller = SessionController(backend, self.preprocessing)
         self.connection = info
         return info
+
+    def start_local_server(self, checkpoint: str | None = None, *, waiting=None, **options) -> ConnectionInfo:
+        """Start a `medsam2-server` on this computer (options as `LocalServer`) and connect to it."""
+        try:
+            server = LocalServer(checkpoint, **options)
+            url = server.start(waiting)
+        except LocalServerError as error:
+            raise MedSAM2ActionError(str(error)) from error
+        try:
+            info = self.connect(url=url, token=server.token)  # closes a previous connection and its server
+        except BaseException:
+            server.stop()
+            raise
+        self.local_server = server
+        info.kind = "local server"
+        return info
+
+    def capabilities(self) -> dict:
+        """What the connected server offers (model, checkpoint, device, warnings); raises a sentence on failure."""
+        controller = self._require_controller()
+        if not hasattr(controller.backend, "capabilities"):
+            return {"engine": controller.backend.engine.describe()}
+        try:
+            return controller.backend.capabilities()
+        except Exception as error:  # the client's typed errors carry the sentence to show
+            raise MedSAM2ActionError(f"The server did not answer: {error}") from error
 
     def set_preprocessing(self, preprocessing: dict | None) -> None:
         """Intensity preprocessing as `Preprocessing` fields, e.g. {"preset": "soft_tissue"}; None for MR/other."""
@@ -141,10 +180,16 @@ class MedSAM2SlicerLogic:
         return target
 
     def close(self) -> None:
-        if self.controller is not None:
-            self.controller.close()
-        self.controller = None
-        self.connection = None
+        """Close the backend sessions, and stop the local server if this logic started one."""
+        try:
+            if self.controller is not None:
+                self.controller.close()
+        finally:
+            self.controller = None
+            self.connection = None
+            if self.local_server is not None:
+                self.local_server.stop()
+                self.local_server = None
 
     def _require_controller(self) -> SessionController:
         if self.controller is None:

@@ -1,7 +1,8 @@
 """End-to-end checks shared by the pytest suite and the module's in-app self-test (`MedSAM2SlicerTest`).
 
-Each function builds its own nodes in `slicer.mrmlScene`, runs one workflow and asserts exact voxels. The engine
-is passed in (the deterministic `DiskEngine` from the backend), so masks are known before they are computed.
+Each function builds its own nodes in `slicer.mrmlScene`, runs one workflow and asserts exact voxels. The backend
+is passed in: the deterministic `DiskEngine`, or `MedSAM2SlicerLogic.connect` keywords (`{"url", "token"}`) of a
+server running it, so masks are known before they are computed.
 """
 
 from __future__ import annotations
@@ -21,13 +22,23 @@ OBLIQUE_IJK_TO_RAS = np.array([
     [0.0, 0.0, 0.0, 1.0]])
 
 
+def connected_logic(backend) -> MedSAM2SlicerLogic:
+    """A logic connected to an engine object, or to a server given as `connect` keywords."""
+    logic = MedSAM2SlicerLogic()
+    if isinstance(backend, dict):
+        logic.connect(**backend)
+    else:
+        logic.connect(engine=backend)
+    return logic
+
+
 def add_volume(shape_kji=(20, 40, 50), ijk_to_ras=OBLIQUE_IJK_TO_RAS, name="MedSAM2TestVolume"):
     """A scalar volume with a ramp (so no two slices are equal) and the given geometry."""
     voxels = np.arange(np.prod(shape_kji), dtype=np.int16).reshape(shape_kji) % 1000
     return slicer.util.addVolumeFromArray(voxels, ijk_to_ras, name)
 
 
-def box_round_trip(engine, view: str = "axial", parent_transform_ras=None) -> None:
+def box_round_trip(backend, view: str = "axial", parent_transform_ras=None) -> None:
     """A box drawn in RAS on a view comes back as exactly the voxels it spans, on the slice it was drawn on."""
     volume = add_volume()
     if parent_transform_ras is not None:
@@ -42,9 +53,9 @@ def box_round_trip(engine, view: str = "axial", parent_transform_ras=None) -> No
     corner_a = np.roll(corner_a, axis)  # put the slice index on the propagation axis
     corner_b = np.roll(corner_b, axis)
     corners_ras = geometry.ijk_to_ras(np.array([corner_a[::-1], corner_b[::-1]], float), ijk_to_ras)
-    logic = MedSAM2SlicerLogic()
-    logic.connect(engine=engine)
+    logic = connected_logic(backend)
     segment_id = logic.segment(volume, segmentation, box_ras=corners_ras, view=view, propagate=False)
+    logic.close()
     got = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
     expected = np.zeros(got.shape, np.uint8)
     region = tuple(slice(min(a, b), max(a, b) + 1) for a, b in zip(corner_a, corner_b))
@@ -57,8 +68,7 @@ def streaming_costs_one_write(engine) -> None:
     """Propagating through 100 slices writes them in a few slab writes totalling one volume's voxels."""
     volume = add_volume(shape_kji=(100, 24, 24), ijk_to_ras=np.diag([1.0, 1.0, 1.0, 1.0]))
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    logic = MedSAM2SlicerLogic()
-    logic.connect(engine=engine)
+    logic = connected_logic(engine)
     segment_id = logic.segment(volume, segmentation, points_ras=[[12.0, 12.0, 0.0]], labels=[1], propagate=False)
     outcome = logic.propagate(volume, segmentation, segment_id, direction="forward")
     assert outcome.slices_written == 100, outcome  # the prompted slice is tracked again, then 1..99
@@ -73,8 +83,7 @@ def undo_restores_in_one_step(engine) -> None:
     """A whole propagation is one undo step: Undo gives back the segment as it was after the prompt."""
     volume = add_volume(shape_kji=(30, 24, 24), ijk_to_ras=np.diag([1.0, 1.0, 1.0, 1.0]))
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    logic = MedSAM2SlicerLogic()
-    logic.connect(engine=engine)
+    logic = connected_logic(engine)
     segment_id = logic.segment(volume, segmentation, points_ras=[[12.0, 12.0, 15.0]], labels=[1], propagate=False)
     after_prompt = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume).copy()
     logic.propagate(volume, segmentation, segment_id)

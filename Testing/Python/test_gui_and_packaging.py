@@ -112,20 +112,65 @@ def test_module_registers_the_effect_at_startup(gui_stubs):
 
 def test_widget_sets_up_and_every_ui_name_it_uses_exists(gui_stubs, monkeypatch):
     import MedSAM2Slicer
+    from MedSAM2SlicerLib import panel_settings
 
     names = _ui_names()
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "MedSAM2Slicer.py").read_text()))
-    assert used and used <= names, used - names
+    used |= set(re.findall(r"\bui\.(\w+)", (MODULE_DIR / "MedSAM2Slicer.py").read_text()))
+    assert len(used) > 20 and used <= names, used - names
+    store = {}  # QSettings survives the widget: a "restart" is a second widget reading the same store
+
+    class FakeSettings:
+        def value(self, key):
+            return store.get(key)
+
+        def setValue(self, key, value):
+            store[key] = value
+
+    monkeypatch.setattr(sys.modules["qt"], "QSettings", FakeSettings, raising=False)
     monkeypatch.setattr(slicer.util, "loadUI", lambda path: Stub(), raising=False)
     monkeypatch.setattr(slicer.util, "childWidgetVariables",
                         lambda panel: types.SimpleNamespace(**{n: Stub() for n in names}), raising=False)
-    widget = MedSAM2Slicer.MedSAM2SlicerWidget()
-    widget.setup()
+
+    def new_widget():
+        widget = MedSAM2Slicer.MedSAM2SlicerWidget()
+        widget.setup()
+        return widget
+
+    widget = new_widget()
     assert widget.logic is MedSAM2Slicer.shared_logic()
-    widget.onPreprocessingChanged(2)
-    assert widget.logic.preprocessing == {"preset": "lung"}
-    widget.onPreprocessingChanged(0)
-    assert widget.logic.preprocessing is None
+    assert widget.panelSettings() == panel_settings.SETTINGS_DEFAULTS  # first start: the defaults
+    assert widget.logic.preprocessing == {"preset": "soft_tissue"}
+    assert widget.ui.localGroupBox.visible and not widget.ui.remoteGroupBox.visible
+    widget.ui.intensityModeComboBox.currentIndex = 1  # CT window (level / width)
+    widget.ui.windowLevelSpinBox.value, widget.ui.windowWidthSpinBox.value = -600.0, 1500.0
+    widget.onPreprocessingChanged()
+    assert widget.logic.preprocessing == {"level": -600.0, "width": 1500.0}
+    assert not widget.ui.ctPresetComboBox.enabled and widget.ui.windowLevelSpinBox.enabled
+    widget.ui.backendComboBox.currentIndex = 1
+    from MedSAM2SlicerLib.local_backend import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    widget.ui.serverUrlLineEdit.text = url
+    widget.onBackendChanged()
+    assert widget.ui.remoteGroupBox.visible and not widget.ui.localGroupBox.visible
+    widget.saveSettings()
+    assert set(store) == {f"MedSAM2/{key}" for key in panel_settings.SETTINGS_DEFAULTS}
+
+    restarted = new_widget()
+    settings = restarted.panelSettings()
+    assert (settings["backend"], settings["serverUrl"], settings["intensityMode"], settings["windowLevel"]) == (
+        "remote", url, "ct_window", -600.0)
+    assert restarted.logic.preprocessing == {"level": -600.0, "width": 1500.0}
+    restarted.ui.intensityModeComboBox.currentIndex = 2  # MR / other
+    restarted.onPreprocessingChanged()
+    assert restarted.logic.preprocessing is None  # the backend's default 0.5-99.5 percentiles
+    restarted.ui.percentileLowSpinBox.value = 1.0
+    restarted.onPreprocessingChanged()
+    assert restarted.logic.preprocessing == {"percentiles": [1.0, 99.5]}
+    restarted.onTestConnection()  # remote, not connected yet: connects, then the refused connection is a sentence
+    assert f"No MedSAM2 server answers at {url}" in restarted.ui.statusLabel.text
+    restarted.logic.close()
 
 
 def test_effect_imports_and_builds_its_options(gui_stubs):
@@ -135,6 +180,10 @@ def test_effect_imports_and_builds_its_options(gui_stubs):
     effect = SegmentEditorEffect(scripted)
     assert scripted.name == "MedSAM2" and effect.scriptedEffect is scripted
     effect.setupOptionsFrame()
+    for name in ("directionComboBox", "rangeStartSpinBox", "rangeStopSpinBox", "stopAfterEmptySpinBox",
+                 "propagateButton", "cancelButton", "progressBar", "uncertainList"):
+        assert isinstance(getattr(effect, name), Stub), name
+    assert effect.rangeStartSpinBox.value == -1 and effect.rangeStopSpinBox.specialValueText == "last"
     assert "Propagate" in effect.helpText()
     effect.clone()
     assert gui_stubs[-1].endswith("MedSAM2SlicerLib/SegmentEditorEffect.py")
@@ -156,9 +205,15 @@ def test_library_never_imports_qt_ctk_or_the_app():
 def test_cmake_lists_every_python_file_and_resource():
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "MedSAM2Slicer")
     listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui))\s*$", cmake, re.M))
+    client_listed = {p for p in listed if p.startswith("medsam2_client/")}
     on_disk = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*")
                if p.suffix in (".py", ".png", ".ui") and "__pycache__" not in p.parts}
-    assert listed == on_disk
+    assert listed - client_listed == on_disk
+    # The client ships from its one copy in backend/src (no second copy in the module to keep in step).
+    client_dir = ROOT / "backend" / "src"
+    assert client_listed == {str(p.relative_to(client_dir)) for p in (client_dir / "medsam2_client").glob("*.py")}
+    assert re.search(r"SOURCE_DIR \$\{CMAKE_SOURCE_DIR\}/backend/src\s", cmake)
+    assert not list(MODULE_DIR.rglob("medsam2_client"))
     top = (ROOT / "CMakeLists.txt").read_text()
     for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
         assert re.search(rf'set\(EXTENSION_{key} "[^"]+"\)', top), key

@@ -1,0 +1,172 @@
+"""`make demo`: the Slicer-side path end to end, headless (slicer-core), on slicerio's CTChest4 CT.
+
+    python -m MedSAM2SlicerLib.demo [--checkpoint PATH_OR_NAME] [--out out/demo]
+
+Loads the CT into a scalar volume node with its file geometry, starts a local `medsam2-server` (random weights
+unless a checkpoint is given), draws a box in RAS on the middle axial slice, propagates both ways into a new
+segment, and writes `<name>.seg.nrrd` plus a PNG montage of 12 slices with the mask overlaid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+import types
+
+import numpy as np
+import slicer
+
+from . import geometry
+from .controller import MedSAM2ActionError
+from .logic import MedSAM2SlicerLogic
+
+MONTAGE_COLUMNS, MONTAGE_ROWS, MONTAGE_SCALE = 4, 3, 2
+DISPLAY_WINDOW = (40.0, 400.0)  # level, width (soft tissue) for the montage only; the voxels are never changed
+
+
+def headless_scene():
+    """A scene with the Colors/Volumes/Segmentations logics, set on `slicer` as the app would (slicer-core)."""
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    modules = types.SimpleNamespace()
+    for name, logic_class in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
+                              ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
+        logic = logic_class()
+        logic.SetMRMLApplicationLogic(app_logic)
+        logic.SetMRMLScene(scene)
+        app_logic.SetModuleLogic(name, logic)
+        setattr(modules, name.lower(), types.SimpleNamespace(logic=lambda logic=logic: logic))
+    slicer.mrmlScene, slicer.modules = scene, modules
+    return scene
+
+
+def load_volume(scene, path: str):
+    """A scalar volume node read by its storage node, so it has the file's origin, spacing and directions."""
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", pathlib.Path(path).name.split(".")[0])
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    volume.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(volume):
+        raise MedSAM2ActionError(f"Could not read the volume {path}.")
+    return volume
+
+
+def middle_slice_box_ras(volume) -> tuple[int, np.ndarray]:
+    """The middle axial slice and two RAS corners of a box over its central 40 % (I and J from 30 % to 70 %)."""
+    dims = volume.GetImageData().GetDimensions()  # I, J, K
+    k = dims[2] // 2
+    corners_ijk = np.array([[round(dims[0] * 0.3), round(dims[1] * 0.3), k],
+                            [round(dims[0] * 0.7), round(dims[1] * 0.7), k]], float)
+    return k, geometry.ijk_to_ras(corners_ijk, geometry.ijk_to_world_ras(volume))
+
+
+def save_segmentation(scene, segmentation, path: pathlib.Path) -> None:
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    segmentation.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.WriteData(segmentation):
+        raise MedSAM2ActionError(f"Could not write {path}.")
+
+
+def save_montage(voxels_kji: np.ndarray, mask_kji: np.ndarray, path: pathlib.Path) -> list[int]:
+    """12 evenly spaced axial slices, greyscale in the display window, the mask in red; returns the slices shown."""
+    from PIL import Image
+
+    count = MONTAGE_COLUMNS * MONTAGE_ROWS
+    slices = sorted({int(round(k)) for k in np.linspace(0, voxels_kji.shape[0] - 1, count)})
+    level, width = DISPLAY_WINDOW
+    rows, cols = voxels_kji.shape[1:]
+    sheet = Image.new("RGB", (MONTAGE_COLUMNS * cols * MONTAGE_SCALE, MONTAGE_ROWS * rows * MONTAGE_SCALE))
+    for n, k in enumerate(slices):
+        grey = np.clip((voxels_kji[k].astype(float) - (level - width / 2)) / width, 0, 1) * 255
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        on = mask_kji[k] > 0
+        rgb[on] = 0.55 * rgb[on] + 0.45 * np.array([255.0, 0.0, 0.0])
+        tile = Image.fromarray(rgb[::-1].astype(np.uint8))  # row J up, as a view shows anterior up
+        tile = tile.resize((cols * MONTAGE_SCALE, rows * MONTAGE_SCALE), Image.NEAREST)
+        sheet.paste(tile, ((n % MONTAGE_COLUMNS) * cols * MONTAGE_SCALE, (n // MONTAGE_COLUMNS) * rows * MONTAGE_SCALE))
+    sheet.save(path)
+    return slices
+
+
+def run_demo(out_dir, checkpoint: str | None = None, test_engine: bool = False, device: str | None = None,
+             log=print) -> dict:
+    """The whole demo; returns the output paths, the prompt, the timings and whether random weights were used."""
+    import slicerio
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    started = time.perf_counter()
+    scene = headless_scene()
+    volume = load_volume(scene, slicerio.get_testdata_file("CTChest4.nrrd"))
+    timings["load volume"] = time.perf_counter() - started
+
+    logic = MedSAM2SlicerLogic()
+    started = time.perf_counter()
+    logic.start_local_server(checkpoint, random_weights=checkpoint is None and not test_engine,
+                             test_engine=test_engine, device=device)
+    try:
+        capabilities = logic.capabilities()
+        timings["start backend"] = time.perf_counter() - started
+        random_weights = bool(capabilities["engine"].get("random_weights"))
+        if random_weights:
+            banner = "!" * 100
+            log(f"{banner}\n!!! {capabilities.get('warning', 'RANDOM WEIGHTS')}\n{banner}")
+        logic.set_preprocessing({"preset": "soft_tissue"})  # CT: MedSAM2's soft-tissue window
+
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} MedSAM2")
+        slice_index, box_ras = middle_slice_box_ras(volume)
+        started = time.perf_counter()
+        segment_id = logic.segment(volume, segmentation, box_ras=box_ras, view="axial", propagate=False)
+        timings["prompt (one slice)"] = time.perf_counter() - started
+        started = time.perf_counter()
+        outcome = logic.propagate(volume, segmentation, segment_id, direction="both")
+        timings["propagate both ways"] = time.perf_counter() - started
+    finally:
+        logic.close()
+
+    started = time.perf_counter()
+    seg_path = out_dir / f"{volume.GetName()}.seg.nrrd"
+    save_segmentation(scene, segmentation, seg_path)
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
+    png_path = out_dir / f"{volume.GetName()}_montage.png"
+    shown = save_montage(slicer.util.arrayFromVolume(volume), mask, png_path)
+    timings["save"] = time.perf_counter() - started
+    return {"segmentation": seg_path, "montage": png_path, "montage_slices": shown, "prompt_slice": slice_index,
+            "box_ras": box_ras, "segment_id": segment_id, "voxels": int(mask.sum()),
+            "slices_written": outcome.slices_written, "least_certain": outcome.least_certain[:5],
+            "timings": timings, "random_weights": random_weights, "model": capabilities["engine"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m MedSAM2SlicerLib.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", help="MedSAM2 checkpoint path or known name (default: random weights)")
+    parser.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    parser.add_argument("--out", default="out/demo")
+    args = parser.parse_args(argv)
+    try:
+        result = run_demo(args.out, args.checkpoint, device=args.device)
+    except MedSAM2ActionError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
+    model = result["model"]
+    print(f"model: {model.get('model')}, checkpoint {model.get('checkpoint')}, {model.get('device')}")
+    print(f"box on axial slice {result['prompt_slice']}; {result['slices_written']} slices propagated, "
+          f"{result['voxels']} voxels in the segment")
+    print("least certain slices: " + ", ".join(f"{u.slice_index} (IoU {u.iou:.2f})" for u in result["least_certain"]))
+    for step, seconds in result["timings"].items():
+        print(f"  {step:<22} {seconds:7.2f} s")
+    print(f"segmentation: {result['segmentation']}  (open it in Slicer over CTChest4.nrrd)")
+    print(f"montage:      {result['montage']}  (axial slices {result['montage_slices']})")
+    if result["random_weights"]:
+        print("!!! RANDOM WEIGHTS WERE USED: the pipeline is real, the masks are meaningless. "
+              "Give --checkpoint MedSAM2_latest for real masks. !!!")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
