@@ -13,34 +13,16 @@ import argparse
 import pathlib
 import sys
 import time
-import types
 
 import numpy as np
 import slicer
 
-from . import geometry
+from . import geometry, mrml_io
 from .controller import MedSAM2ActionError
 from .logic import MedSAM2SlicerLogic
 
 MONTAGE_COLUMNS, MONTAGE_ROWS, MONTAGE_SCALE = 4, 3, 2
 DISPLAY_WINDOW = (40.0, 400.0)  # level, width (soft tissue) for the montage only; the voxels are never changed
-
-
-def headless_scene():
-    """A scene with the Colors/Volumes/Segmentations logics, set on `slicer` as the app would (slicer-core)."""
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    modules = types.SimpleNamespace()
-    for name, logic_class in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
-                              ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
-        logic = logic_class()
-        logic.SetMRMLApplicationLogic(app_logic)
-        logic.SetMRMLScene(scene)
-        app_logic.SetModuleLogic(name, logic)
-        setattr(modules, name.lower(), types.SimpleNamespace(logic=lambda logic=logic: logic))
-    slicer.mrmlScene, slicer.modules = scene, modules
-    return scene
 
 
 def load_volume(scene, path: str):
@@ -101,7 +83,8 @@ def run_demo(out_dir, checkpoint: str | None = None, test_engine: bool = False, 
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = {}
     started = time.perf_counter()
-    scene = headless_scene()
+    scene, slicer.modules = mrml_io.headless_scene()
+    slicer.mrmlScene = scene
     volume = load_volume(scene, slicerio.get_testdata_file("CTChest4.nrrd"))
     timings["load volume"] = time.perf_counter() - started
 

@@ -13,6 +13,7 @@ the block's extent and both subject to the editor's masking and overwrite settin
 from __future__ import annotations
 
 import time
+import types
 from typing import Callable
 
 import numpy as np
@@ -25,6 +26,24 @@ from . import geometry
 # Flush a batch of streamed slices after this many slices or this many seconds, whichever comes first.
 BATCH_MAX_SLICES = 32
 BATCH_MAX_DELAY_S = 0.5
+
+
+def headless_scene():
+    """A scene plus the Colors/Volumes/Segmentations logics, for use without the Slicer app (console scripts,
+    `make demo`, tests). Returns (scene, modules), where `modules.<name>.logic()` mirrors `slicer.modules`;
+    `slicer.util`'s array helpers need both set on `slicer`, which the caller does (or patches, in tests)."""
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    modules = types.SimpleNamespace()
+    for name, logic_class in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
+                              ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
+        logic = logic_class()
+        logic.SetMRMLApplicationLogic(app_logic)
+        logic.SetMRMLScene(scene)
+        app_logic.SetModuleLogic(name, logic)
+        setattr(modules, name.lower(), types.SimpleNamespace(logic=lambda logic=logic: logic))
+    return scene, modules
 
 
 def new_editor_logic(segmentation_node, source_volume_node, editor_node=None):

@@ -6,7 +6,6 @@
 
 import pathlib
 import sys
-import types
 
 import pytest
 
@@ -21,17 +20,9 @@ import slicer  # noqa: E402  (after sys.path)
 @pytest.fixture
 def mrml(monkeypatch):
     """A fresh scene with module logics; yields the scene."""
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    modules = types.SimpleNamespace()
-    for name, logic_class in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
-                              ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
-        logic = logic_class()
-        logic.SetMRMLApplicationLogic(app_logic)
-        logic.SetMRMLScene(scene)
-        app_logic.SetModuleLogic(name, logic)
-        setattr(modules, name.lower(), types.SimpleNamespace(logic=lambda logic=logic: logic))
+    from MedSAM2SlicerLib.mrml_io import headless_scene
+
+    scene, modules = headless_scene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     monkeypatch.setattr(slicer, "modules", modules, raising=False)
     yield scene
