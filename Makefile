@@ -25,8 +25,10 @@ test: setup
 demo: setup
 	PYTHONPATH=MedSAM2Slicer $(PY) -m MedSAM2SlicerLib.demo --out out/demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
+# Engine vs SAM-2's own pipeline, then upload and prompt latency through client + server. FULL=1: 512x512x300.
 bench: setup
 	$(PY) backend/bench/bench.py $(if $(FULL),--full,)
+	$(PY) backend/bench/bench_server.py
 
 clean:
 	rm -rf $(VENV) out

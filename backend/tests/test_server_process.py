@@ -26,6 +26,12 @@ def test_needs_exactly_one_model_choice():
     assert r.returncode == 2 and "exactly one of" in r.stderr
 
 
+def test_threads_must_be_positive():
+    r = subprocess.run([sys.executable, "-m", "medsam2_backend.server.cli", "--test-engine", "--threads", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--threads must be at least 1" in r.stderr
+
+
 def test_token_file_server_on_loopback(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("file-token\n")
@@ -50,7 +56,8 @@ def test_random_weights_server_then_kill_and_restart(sam2_model):
     from medsam2_backend.engine.sam2_engine import Sam2Engine
 
     port = free_port()
-    proc, url = start_server_process("--random-weights", "--device", "cpu", port=port, ready_timeout=120)
+    proc, url = start_server_process("--random-weights", "--device", "cpu", "--threads", "1", port=port,
+                                      ready_timeout=120)
     try:
         c = MedSAM2Client(url, timeout=60)
         caps = c.capabilities()

@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-engine", action="store_true", help=argparse.SUPPRESS)  # deterministic disks, no model
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: PyTorch's, one per core); "
+                   "fewer than the cores when the computer has other work avoids thread contention")
     p.add_argument("--token", help="access token clients must send (prefer --token-file: others can read argv)")
     p.add_argument("--token-file", type=pathlib.Path, help="file holding the access token")
     p.add_argument("--max-sessions", type=int, default=protocol.DEFAULT_MAX_SESSIONS)
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     if not is_loopback(args.host) and not token:
         return _fail(f"refusing to listen on {args.host} without an access token: anyone on the network could "
                      f"use this server. Give --token-file (or --token), or listen on 127.0.0.1.")
+    if args.threads is not None and args.threads < 1:
+        return _fail("--threads must be at least 1.")
     chosen = sum(bool(x) for x in (args.checkpoint, args.random_weights, args.test_engine))
     if chosen != 1:
         return _fail("give exactly one of --checkpoint PATH_OR_NAME, --random-weights or --test-engine.")
@@ -78,6 +82,10 @@ def main(argv=None) -> int:
     if args.test_engine:
         engine = DiskEngine()
     else:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         if args.random_weights:
             from ..engine.model import RANDOM_WEIGHTS_WARNING
 
