@@ -170,9 +170,9 @@ class SessionController:
                 self._run = None
             writer.flush()
         ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
-        ranked = _summary_field(run.summary, "least_certain").get(obj_id, [])
+        ranked = run.summary.least_certain.get(obj_id, [])
         return PropagationOutcome(len(writer.slices_written), writer.write_count, writer.voxels_written,
-                                  bool(_summary_field(run.summary, "cancelled")),
+                                  bool(run.summary.cancelled),
                                   [UncertainSlice(k, iou, _slice_center_ras(ijk_to_ras, volume_node, axis, k))
                                    for k, iou in ranked])
 
@@ -271,11 +271,6 @@ class SessionController:
         """On an error, still write what already arrived, so the segment shows everything the backend sent."""
         writer.flush()
         return len(writer.slices_written)
-
-
-def _summary_field(summary, name: str):
-    """A propagation summary's field: the engine gives an object, the network client a dict."""
-    return summary[name] if isinstance(summary, dict) else getattr(summary, name)
 
 
 def _shape_kji(volume_node) -> tuple[int, int, int]:

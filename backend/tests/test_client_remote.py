@@ -39,8 +39,8 @@ def test_masks_through_the_wire_follow_the_axis(client, axis):
     for k, m in got.items():
         assert np.array_equal(m.mask, box_mask(slice_shape, box, abs(k - 5))), k  # 1 px per slice per side
         assert m.iou == pytest.approx(1 - 0.01 * abs(k - 5)) and m.stage == "propagate"
-    assert run.summary["slices_done"] == 8 and run.summary["cancelled"] is False
-    least = run.summary["least_certain"][4]
+    assert run.summary.slices_done == 8 and run.summary.cancelled is False
+    least = run.summary.least_certain[4]
     assert least[0] == (9, pytest.approx(0.96)) and {k for k, _ in least[1:3]} == {2, 8}  # farthest: least certain
     s.close()
 
@@ -155,7 +155,7 @@ def test_cancel_and_disconnect_stop_the_engine_within_a_slice():
             seen.append(m.slice_index)
             if len(seen) == 3:
                 run.cancel()
-        assert run.summary["cancelled"] is True and run.summary["slices_done"] < 20
+        assert run.summary.cancelled is True and run.summary.slices_done < 20
         assert len(seen) == 3
         # The session is free again at once: a prompt does not wait for the rest of the run.
         t0 = time.monotonic()
@@ -182,4 +182,4 @@ def test_a_busy_session_answers_busy_instead_of_hanging():
         with pytest.raises(errors.Busy, match="busy"):
             s.add_prompt(1, 3, box=(2, 2, 9, 9))
         run.cancel()
-        assert list(run) == [] and run.summary["cancelled"]
+        assert list(run) == [] and run.summary.cancelled

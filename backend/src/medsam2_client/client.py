@@ -306,7 +306,7 @@ class RemotePropagation:
         self._response = self._client.request("POST", session._path(protocol.PROPAGATE), json.dumps(body).encode(),
                                               {"Content-Type": "application/json"})
         self._cancelled = False
-        self.summary: dict | None = None
+        self.summary: PropagationSummary | None = None
         self.done = 0
         kind, payload = self._next_frame()
         if kind != wire.START:
@@ -356,10 +356,22 @@ def _slice_mask(f: wire.SliceFrame) -> SliceMask:
     return SliceMask(f.obj_id, f.slice_index, f.mask, f.object_score, f.iou, f.stage)
 
 
-def _summary(s: dict) -> dict:
-    return {"planned": s["planned"], "slices_done": s["slices_done"], "cancelled": s["cancelled"],
-            "stopped_early": {(e["obj_id"], e["direction"]): e["slice_index"] for e in s["stopped_early"]},
-            "least_certain": {int(o): [(k, iou) for k, iou in items] for o, items in s["least_certain"].items()}}
+@dataclasses.dataclass
+class PropagationSummary:
+    """How a propagation ended; the same fields as the engine's summary, so callers treat both alike."""
+
+    planned: int
+    slices_done: int
+    cancelled: bool
+    stopped_early: dict  # (obj_id, direction) -> slice where it stopped
+    least_certain: dict  # obj_id -> [(slice, predicted IoU)], lowest first
+
+
+def _summary(s: dict) -> PropagationSummary:
+    return PropagationSummary(
+        s["planned"], s["slices_done"], s["cancelled"],
+        {(e["obj_id"], e["direction"]): e["slice_index"] for e in s["stopped_early"]},
+        {int(o): [(k, iou) for k, iou in items] for o, items in s["least_certain"].items()})
 
 
 def _plain(x):
