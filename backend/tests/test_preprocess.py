@@ -84,3 +84,11 @@ def test_bad_volumes_get_clear_errors(volume, message):
 def test_bad_settings_get_clear_errors(kwargs, message):
     with pytest.raises(EngineInputError, match=message):
         Preprocessing(**kwargs)
+
+
+def test_json_form_is_normalised_so_equal_settings_compare_equal():
+    assert Preprocessing(percentiles=[1, 99]) == Preprocessing(percentiles=(1.0, 99.0))
+    assert Preprocessing(level=40, width=400).window == (-160.0, 240.0)
+    for bad in ({"percentiles": [1, 2, 3]}, {"level": "high", "width": 1}, {"percentiles": None}):
+        with pytest.raises(EngineInputError, match="must be numbers"):
+            Preprocessing(**bad)

@@ -44,6 +44,16 @@ class Preprocessing:
     resize: str = "stretch"
 
     def __post_init__(self):
+        # Values may arrive as JSON (lists, ints, strings): normalise them, or say what is wrong.
+        try:
+            lo, hi = (float(x) for x in self.percentiles)
+            level, width = (None if v is None else float(v) for v in (self.level, self.width))
+        except (TypeError, ValueError):
+            raise EngineInputError("Preprocessing values must be numbers: a level and a width, or two "
+                                   "percentiles.") from None
+        object.__setattr__(self, "percentiles", (lo, hi))
+        object.__setattr__(self, "level", level)
+        object.__setattr__(self, "width", width)
         if self.preset is not None and self.preset not in CT_PRESETS:
             raise EngineInputError(
                 f"Unknown CT window preset {self.preset!r}; use one of {', '.join(CT_PRESETS)}.")
@@ -53,7 +63,6 @@ class Preprocessing:
             raise EngineInputError("A CT window needs both a level and a width.")
         if self.width is not None and not (np.isfinite(self.width) and self.width > 0 and np.isfinite(self.level)):
             raise EngineInputError(f"The window width must be a positive number (got {self.width!r}).")
-        lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise EngineInputError(f"Percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles!r}.")
         if self.resize not in RESIZE_MODES:

@@ -66,26 +66,13 @@ _PREPROCESSING_FIELDS = ("preset", "level", "width", "percentiles", "resize")
 
 
 def preprocessing_from(options) -> Preprocessing | None:
-    """A `Preprocessing` from its JSON form, with the engine's own messages for bad values."""
+    """A `Preprocessing` from its JSON form; the engine says what is wrong with bad values."""
     if options is None:
         return None
     if not isinstance(options, dict) or set(options) - set(_PREPROCESSING_FIELDS):
         raise ApiError(protocol.BAD_REQUEST, f"Preprocessing is an object with the fields "
                        f"{', '.join(_PREPROCESSING_FIELDS)} only.")
-    options = dict(options)
-    try:
-        if "percentiles" in options:
-            lo, hi = options["percentiles"]
-            options["percentiles"] = (float(lo), float(hi))
-        for key in ("level", "width"):
-            if options.get(key) is not None:
-                options[key] = float(options[key])
-        return Preprocessing(**options)
-    except EngineInputError:
-        raise
-    except (TypeError, ValueError):
-        raise ApiError(protocol.BAD_REQUEST, "Preprocessing values must be numbers (level, width, two "
-                       "percentiles) or names (preset, resize).") from None
+    return Preprocessing(**options)
 
 
 def _decode_mask_prompt(text: str | None):
