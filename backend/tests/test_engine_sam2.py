@@ -84,3 +84,16 @@ def test_random_weights_must_be_asked_for():
         load_model()
     m = load_model(random_weights=True)
     assert m.random_weights and m.describe()["checkpoint"] == "random weights"
+
+
+def test_prompt_on_the_first_slice_propagates_and_reports_it_once(sam2_model, volume):
+    """SAM-2 skips a reverse pass that starts on frame 0; the engine still reports slice 0, exactly once."""
+    s = Sam2Engine(sam2_model).open_session(volume, preprocessing=PRE)
+    first = s.add_prompt(1, 0, box=[10, 8, 40, 30])
+    run = s.propagate()
+    results = list(run)
+    assert [r.slice_index for r in results] == [0, 1, 2, 3] and run.planned == 4
+    np.testing.assert_array_equal(results[0].mask, first.mask)
+    backward_only = list(s.propagate(direction="backward"))
+    assert [r.slice_index for r in backward_only] == [0]
+    np.testing.assert_array_equal(backward_only[0].mask, first.mask)
