@@ -146,12 +146,10 @@ def slice_plane_axes(axis: int) -> tuple[int, int]:
     return rows, cols
 
 
-def ras_to_slice_pixels(points_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: int,
-                        shape_kji: tuple[int, int, int]) -> tuple[int, np.ndarray]:
-    """RAS points placed on one view -> (slice index along K,J,I axis `axis`, (N,2) slice pixels as x, y).
-
-    The slice is the one nearest to the points' mean depth, so points on a slightly oblique view share a slice.
-    """
+def _slice_and_xy(points_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: int,
+                  shape_kji: tuple[int, int, int]) -> tuple[int, np.ndarray]:
+    """The slice nearest to the points' mean depth (points on a slightly oblique view share a slice) and the
+    points' unclipped (x, y) in its pixels."""
     kji = ras_to_ijk(points_ras, ijk_to_ras)[:, ::-1]
     slice_index = int(np.floor(kji[:, axis].mean() + 0.5))
     if not 0 <= slice_index < shape_kji[axis]:
@@ -161,6 +159,25 @@ def ras_to_slice_pixels(points_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: in
     return slice_index, np.c_[kji[:, cols], kji[:, rows]]
 
 
+def _slice_upper(axis: int, shape_kji: tuple[int, int, int]) -> np.ndarray:
+    rows, cols = slice_plane_axes(axis)
+    return np.array([shape_kji[cols] - 1, shape_kji[rows] - 1], float)
+
+
+def ras_to_slice_pixels(points_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: int,
+                        shape_kji: tuple[int, int, int]) -> tuple[int, np.ndarray]:
+    """RAS points placed on one view -> (slice index along K,J,I axis `axis`, (N,2) slice pixels as x, y).
+
+    A voxel covers its index +-0.5, so a click on the outer half of an edge voxel is inside the image: it is moved
+    onto that voxel's centre. A point further out is refused.
+    """
+    slice_index, xy = _slice_and_xy(points_ras, ijk_to_ras, axis, shape_kji)
+    upper = _slice_upper(axis, shape_kji)
+    if ((xy < -0.5) | (xy > upper + 0.5)).any():
+        raise GeometryError("A point lies outside the image on its slice; place it on the image.")
+    return slice_index, np.clip(xy, 0.0, upper)
+
+
 def ras_box_to_slice_box(corners_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: int,
                          shape_kji: tuple[int, int, int]) -> tuple[int, np.ndarray]:
     """Box corners in RAS (two opposite corners, or all 8 of an ROI) -> (slice index, x0, y0, x1, y1 in pixels).
@@ -168,9 +185,8 @@ def ras_box_to_slice_box(corners_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: 
     The box is the corners' bounding rectangle in the slice, clipped to the slice: a box drawn partly outside
     the image means "up to the border".
     """
-    slice_index, xy = ras_to_slice_pixels(corners_ras, ijk_to_ras, axis, shape_kji)
-    rows, cols = slice_plane_axes(axis)
-    upper = np.array([shape_kji[cols] - 1, shape_kji[rows] - 1], float)
+    slice_index, xy = _slice_and_xy(corners_ras, ijk_to_ras, axis, shape_kji)
+    upper = _slice_upper(axis, shape_kji)
     low = np.clip(xy.min(axis=0), 0.0, upper)
     high = np.clip(xy.max(axis=0), 0.0, upper)
     return slice_index, np.array([low[0], low[1], high[0], high[1]])

@@ -62,7 +62,7 @@ def test_axis_choice_on_an_axis_aligned_permuted_volume():
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_ras_points_become_slice_index_and_xy_pixels(axis):
-    shape = (20, 40, 50)
+    shape = (40, 40, 50)  # every rolled point lies inside
     kji = np.array([[6.0, 10.0, 12.0], [6.0, 18.0, 30.0]])
     kji = np.roll(kji, axis, axis=1)  # the slice index sits on the propagation axis
     ras = geometry.ijk_to_ras(kji[:, ::-1], scenarios.OBLIQUE_IJK_TO_RAS)
@@ -80,6 +80,16 @@ def test_box_is_clipped_to_the_slice_and_outside_prompts_are_refused():
     np.testing.assert_allclose(box, [0, 3, 11, 9])
     with pytest.raises(geometry.GeometryError, match="outside the volume"):
         geometry.ras_to_slice_pixels(np.array([[1.0, 1.0, 9.0]]), identity, 0, shape)
+
+
+def test_a_click_on_an_edge_voxel_is_inside_and_one_beyond_is_refused():
+    shape, identity = (4, 10, 12), np.eye(4)  # identity: RAS = IJK, slices along K
+    _, xy = geometry.ras_to_slice_pixels(np.array([[11.4, -0.4, 1.0]]), identity, 0, shape)
+    np.testing.assert_allclose(xy, [[11, 0]])  # the outer halves of the last column / first row
+    _, xy = geometry.ras_to_slice_pixels(np.array([[5.25, 3.5, 1.0]]), identity, 0, shape)
+    np.testing.assert_allclose(xy, [[5.25, 3.5]])  # inside: unchanged
+    with pytest.raises(geometry.GeometryError, match="outside the image"):
+        geometry.ras_to_slice_pixels(np.array([[11.6, 3.0, 1.0]]), identity, 0, shape)
 
 
 def test_roi_corners_follow_the_roi(mrml):
