@@ -54,6 +54,8 @@ def test_feature_cache_respects_its_budget_and_serves_repeats(sam2_model, volume
     s.set_preprocessing(Preprocessing(preset="lung"))
     assert len(s.cache) == 1 and s.prompts(1)[0].box.tolist() == [10, 8, 40, 30]
     assert [p.direction for p in s.propagate().passes] == ["forward", "backward"]
+    s.close()
+    assert len(s.cache) == 0 and s.cache.nbytes == 0 and s.object_ids == []
 
 
 def test_feature_cache_eviction_is_least_recently_used():

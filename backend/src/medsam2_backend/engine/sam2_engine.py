@@ -160,6 +160,10 @@ class Sam2VolumeSession(VolumeSession):
     def _forget_object(self, obj_id: int) -> None:
         self._states.pop(obj_id, None)
 
+    def close(self) -> None:
+        super().close()
+        self.cache.clear()  # the features are the bulk of a session's memory: free them now, not at collection
+
     def _result(self, obj_id: int, k: int, video_res_logits: torch.Tensor, out: dict) -> SliceResult:
         h, w = self.slice_shape
         logits = video_res_logits[0, 0, :h, :w].float().cpu().numpy()
