@@ -3,8 +3,6 @@
 The work happens in `MedSAM2SlicerLib` (Qt-free); this file only wires widgets to `MedSAM2SlicerLogic`.
 """
 
-import os
-
 import qt
 import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
@@ -16,7 +14,6 @@ from MedSAM2SlicerLib.logic import MedSAM2SlicerLogic, describe_capabilities, sh
 
 __all__ = ["MedSAM2Slicer", "MedSAM2SlicerLogic", "MedSAM2SlicerTest", "MedSAM2SlicerWidget"]
 
-EFFECT_SOURCE = os.path.join(os.path.dirname(__file__), "MedSAM2SlicerLib", "SegmentEditorEffect.py")
 BACKENDS = {"local": "Local (a server on this computer)", "remote": "Remote server"}
 
 
@@ -34,11 +31,13 @@ class MedSAM2Slicer(ScriptedLoadableModule):
 
 
 def register_effect():
-    """Register the effect with the Segment Editor (the file's base name must equal its class name)."""
+    """Register the effect with the Segment Editor (see `effect_source` for how Slicer finds its class)."""
     import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
+    from MedSAM2SlicerLib.SegmentEditorEffect import effect_source
+
     instance = effects.qSlicerSegmentEditorScriptedEffect(None)
-    instance.setPythonSource(EFFECT_SOURCE.replace("\\", "/"))
+    instance.setPythonSource(effect_source())
     instance.self().register()
 
 
@@ -174,8 +173,9 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
 
     def onUseDisplayWindow(self):
         """Copy the window/level of the volume in the red view (its voxels are untouched) into level/width."""
-        layer = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetBackgroundLayer()
-        window = panel_settings.display_window(layer.GetVolumeNode())
+        slice_widget = slicer.app.layoutManager().sliceWidget("Red")  # None when the layout has no red view
+        volume = slice_widget.sliceLogic().GetBackgroundLayer().GetVolumeNode() if slice_widget else None
+        window = panel_settings.display_window(volume)
         if window is None:
             self.showStatus("Show a volume in the red slice view to use its display window.")
             return

@@ -5,6 +5,7 @@ controller; geometry, sessions and writing live in the Qt-free library next to t
 """
 
 import os
+import sys
 
 import numpy as np
 import qt
@@ -34,12 +35,14 @@ class EffectTarget:
         assert segment_id == self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
         modes = {"add": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
                  "remove": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove}
-        self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, modes[mode], extent_ijk)
+        # The (labelmap, mode, QList<int> extent) overload; the extent is in the labelmap's own IJK index space.
+        self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, modes[mode], [int(v) for v in extent_ijk])
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def __init__(self, scriptedEffect):
-        scriptedEffect.name = "MedSAM2"
+        scriptedEffect.name = "MedSAM2"  # not translated: modules find effects by name
+        scriptedEffect.title = "MedSAM2"
         scriptedEffect.perSegment = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self._press_xy = None
@@ -48,7 +51,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
         clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
-        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        clonedEffect.setPythonSource(effect_source())
         return clonedEffect
 
     def icon(self):
@@ -76,7 +79,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.propagateButton = qt.QPushButton("Propagate")
         self.propagateButton.connect("clicked()", self.onPropagate)
         self.cancelButton = qt.QPushButton("Cancel")
-        self.cancelButton.connect("clicked()", lambda: shared_logic().controller and shared_logic().controller.cancel())
+        self.cancelButton.connect("clicked()", self._onCancel)
         buttons = qt.QHBoxLayout()
         buttons.addWidget(self.propagateButton)
         buttons.addWidget(self.cancelButton)
@@ -91,6 +94,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
+    def cleanup(self):
+        """Disconnect this object's Qt connections so the effect can be deleted (Slicer issue #7392)."""
+        if not hasattr(self, "propagateButton"):  # setupOptionsFrame never ran (e.g. the factory's prototype)
+            return
+        self.propagateButton.disconnect("clicked()", self.onPropagate)
+        self.cancelButton.disconnect("clicked()", self._onCancel)
+        self.uncertainList.disconnect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
+
+    def deactivate(self):
+        self._press_xy = None
+
+    @staticmethod
+    def _onCancel():
+        controller = shared_logic().controller
+        if controller is not None:
+            controller.cancel()
+
     @staticmethod
     def _slice_spin_box(end: str):
         """A slice index along the propagation axis; -1 shows as the volume's first/last slice."""
@@ -102,9 +122,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return box
 
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        """Returns True to abort the event (the views' own handling, e.g. window/level on left-drag, is skipped)."""
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+            if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
+                return False  # leave Slicer's own modified clicks/drags (e.g. Ctrl+Alt+drag rotates) alone
+            confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
+            if confirmed in (self.scriptedEffect.NotConfirmed, self.scriptedEffect.ConfirmedWithDialog):
+                # As the Draw effect: after a dialog the release went to the popup, so drop this click entirely.
+                self._press_xy = None
+                return True
             self._press_xy = callerInteractor.GetEventPosition()
             return True
         if eventId != vtk.vtkCommand.LeftButtonReleaseEvent or self._press_xy is None:
@@ -150,6 +178,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         try:
             if logic.controller is None:
                 raise MedSAM2ActionError("Not connected: open the MedSAM2 module and connect first.")
+            if parameters.GetSegmentationNode() is None or volume is None or not segment_id:
+                raise MedSAM2ActionError("Select a segmentation, a source volume and a segment first.")
             result = action(logic.controller, volume, segment_id)
         except MedSAM2ActionError as error:
             self.statusLabel.text = str(error)
@@ -157,3 +187,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         warning = getattr(result, "axis_warning", None)
         self.statusLabel.text = warning or ""
         return result
+
+
+def effect_source() -> str:
+    """The path to give `qSlicerSegmentEditorScriptedEffect.setPythonSource`, with the class made findable.
+
+    setPythonSource takes the module name from the file's folder (`MedSAM2SlicerLib`) and the class name from its
+    base name (`SegmentEditorEffect`) and instantiates `MedSAM2SlicerLib.SegmentEditorEffect` if that attribute
+    exists; only otherwise does it execute the file as the module `MedSAM2SlicerLib`, which would run the effect
+    into (or, with importlib, over) the already imported package. Importing this file sets that package attribute
+    to the submodule, so rebind it to the class, as the `from .SegmentEditorEffect import *` in the `__init__.py` of
+    Slicer's effect template does (done here, not in `__init__.py`, so the library stays importable without Qt).
+    """
+    sys.modules[__package__].SegmentEditorEffect = SegmentEditorEffect
+    return __file__.replace("\\", "/")

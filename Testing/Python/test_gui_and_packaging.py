@@ -53,6 +53,13 @@ def gui_stubs(monkeypatch):
 
     class ScriptedEffect(Stub):
         def setPythonSource(self, path):
+            """As qSlicerSegmentEditorScriptedEffect::setPythonSource: module = the file's folder name, class = its
+            base name (+ "Effect"); `<module>.<class>` is instantiated when it exists, else the file is executed as
+            that module (which would clobber an imported package such as MedSAM2SlicerLib: refused here)."""
+            folder, base = pathlib.PurePosixPath(path).parent.name, pathlib.PurePosixPath(path).stem
+            class_name = base if base.endswith("Effect") else base + "Effect"
+            found = getattr(sys.modules.get(folder), class_name, None)
+            assert isinstance(found, type), f"{folder}.{class_name} is {found!r}: Slicer would load the file as {folder}"
             registered.append(path)
 
         def self(self):
@@ -72,6 +79,9 @@ def gui_stubs(monkeypatch):
         def __init__(self, scriptedEffect):
             self.scriptedEffect = scriptedEffect
 
+        def xyToRas(self, xy, viewWidget):  # the real one goes through scriptedEffect.xyToRas(QPoint, sliceWidget)
+            return [float(xy[0]), float(xy[1]), 7.0]
+
     loadable = _stub_module(
         "slicer.ScriptedLoadableModule",
         ScriptedLoadableModule=type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: None}),
@@ -90,7 +100,10 @@ def gui_stubs(monkeypatch):
     monkeypatch.setattr(slicer, "app", RecordingApp(), raising=False)
     monkeypatch.delitem(sys.modules, "MedSAM2Slicer", raising=False)
     monkeypatch.delitem(sys.modules, "MedSAM2SlicerLib.SegmentEditorEffect", raising=False)
-    return registered
+    yield registered
+    import MedSAM2SlicerLib
+
+    MedSAM2SlicerLib.__dict__.pop("SegmentEditorEffect", None)  # register_effect binds the class there
 
 
 def _ui_names():
@@ -189,6 +202,83 @@ def test_effect_imports_and_builds_its_options(gui_stubs):
     assert gui_stubs[-1].endswith("MedSAM2SlicerLib/SegmentEditorEffect.py")
 
 
+
+class FakeInteractor:
+    """The vtkRenderWindowInteractor calls the effect makes (GetEventPosition, Get{Control,Shift,Alt}Key)."""
+
+    def __init__(self, xy, control=False, shift=False, alt=False):
+        self.xy, self.control, self.shift, self.alt = xy, control, shift, alt
+
+    def GetEventPosition(self):
+        return self.xy
+
+    def GetControlKey(self):
+        return int(self.control)
+
+    def GetShiftKey(self):
+        return int(self.shift)
+
+    def GetAltKey(self):
+        return int(self.alt)
+
+
+class FakeSliceWidget(Stub):
+    def className(self):
+        return "qMRMLSliceWidget"
+
+    def sliceLogic(self):
+        import vtk
+
+        return types.SimpleNamespace(GetSliceNode=lambda: types.SimpleNamespace(GetSliceToRAS=vtk.vtkMatrix4x4))
+
+
+def test_effect_turns_clicks_and_drags_into_prompts(gui_stubs):
+    import vtk
+    from MedSAM2SlicerLib.SegmentEditorEffect import SegmentEditorEffect
+
+    class ScriptedEffect(Stub):
+        NotConfirmed, ConfirmedWithoutDialog, ConfirmedWithDialog = 0, 1, 2
+        answer = 1
+
+        def confirmCurrentSegmentVisible(self):
+            return self.answer
+
+    scripted = ScriptedEffect()
+    effect = SegmentEditorEffect(scripted)
+    effect.setupOptionsFrame()
+    prompts = []
+
+    def fake_run(action):
+        controller = types.SimpleNamespace(add_prompt=lambda volume, target, segment, **kw: prompts.append(kw))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys.modules[SegmentEditorEffect.__module__], "EffectTarget", lambda scripted: None)
+            action(controller, "volume", "segment")
+
+    effect._run = fake_run
+    view, press, release = FakeSliceWidget(), vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent
+    three_d = Stub()
+    three_d.className = lambda: "qMRMLThreeDWidget"
+    assert effect.processInteractionEvents(FakeInteractor((10, 20)), press, three_d) is False  # slice views only
+    assert effect.processInteractionEvents(FakeInteractor((10, 20)), press, view) is True  # aborts window/level
+    assert effect.processInteractionEvents(FakeInteractor((11, 21)), release, view) is True
+    assert prompts[-1]["points_ras"] == [[11.0, 21.0, 7.0]] and prompts[-1]["labels"] == [1]
+    assert prompts[-1]["slice_to_ras"].shape == (4, 4)
+    effect.processInteractionEvents(FakeInteractor((10, 20), control=True), press, view)
+    effect.processInteractionEvents(FakeInteractor((10, 20), control=True), release, view)
+    assert prompts[-1]["labels"] == [0]  # Ctrl+click: a negative point
+    effect.processInteractionEvents(FakeInteractor((10, 20)), press, view)
+    effect.processInteractionEvents(FakeInteractor((40, 60)), release, view)
+    assert prompts[-1]["box_corners_ras"] == [[10.0, 20.0, 7.0], [40.0, 60.0, 7.0]]
+    count = len(prompts)
+    assert effect.processInteractionEvents(FakeInteractor((10, 20), alt=True), press, view) is False
+    assert effect.processInteractionEvents(FakeInteractor((10, 20)), release, view) is False
+    scripted.answer = ScriptedEffect.NotConfirmed  # hidden segment, user said no
+    assert effect.processInteractionEvents(FakeInteractor((10, 20)), press, view) is True
+    assert effect.processInteractionEvents(FakeInteractor((10, 20)), release, view) is False
+    assert len(prompts) == count
+    effect.cleanup()  # disconnects without error
+    SegmentEditorEffect(Stub()).cleanup()  # and is harmless before setupOptionsFrame
+
 def test_library_never_imports_qt_ctk_or_the_app():
     for path in (MODULE_DIR / "MedSAM2SlicerLib").glob("*.py"):
         if path.name == "SegmentEditorEffect.py":
@@ -212,7 +302,7 @@ def test_cmake_lists_every_python_file_and_resource():
     # The client ships from its one copy in backend/src (no second copy in the module to keep in step).
     client_dir = ROOT / "backend" / "src"
     assert client_listed == {str(p.relative_to(client_dir)) for p in (client_dir / "medsam2_client").glob("*.py")}
-    assert re.search(r"SOURCE_DIR \$\{CMAKE_SOURCE_DIR\}/backend/src\s", cmake)
+    assert re.search(r"SOURCE_DIR \$\{PROJECT_SOURCE_DIR\}/backend/src\s", cmake)
     assert not list(MODULE_DIR.rglob("medsam2_client"))
     top = (ROOT / "CMakeLists.txt").read_text()
     for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
