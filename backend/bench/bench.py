@@ -4,6 +4,9 @@ Prints one JSON object per line: case, ours_s, ref_s, ratio (= ref_s / ours_s), 
 The reference is SAM-2 as its users run it (MedSAM2's flow): slices windowed and written as JPEG frames into a
 folder, `init_state(folder)`, prompt, propagate forward, `reset_state`, prompt again, propagate backward.
 Random weights (no checkpoint can be downloaded here): timings do not depend on the weights' values.
+Both sides compute in fp32 (or both under bf16 autocast). On the CPU in fp32 our linear layers run on oneDNN with
+prepacked weights (the same fp32 arithmetic, see engine/cpu_kernels.py); the `_torch_kernels` cases repeat the
+ratios with PyTorch's own kernels on both sides, so the pipeline's share of the gain is visible on its own.
 """
 
 from __future__ import annotations
@@ -145,12 +148,14 @@ def emit(**row):
     print(json.dumps(row), flush=True)
 
 
-def timing_cases(n_slices: int, precision: str, repeats: int):
-    model = load_model(random_weights=True, seed=0, precision=precision)
+def timing_cases(n_slices: int, precision: str, repeats: int, kernels: str | None = None, only_ratios=False):
+    """The timed cases. `kernels="torch"` is the labelled case without oneDNN-packed linears: what the pipeline
+    alone (lazy frames, feature cache, no JPEG) gains over the reference, with PyTorch's own kernels on both sides."""
+    model = load_model(random_weights=True, seed=0, precision=precision, kernels=kernels)
     engine, ref = Sam2Engine(model, cache_budget_bytes=4 << 30), Reference(model)
     volume = ct_volume(n_slices)
     k, box = n_slices // 2, box_for(volume.shape[1:])
-    tag = "" if precision == "fp32" else f"_{precision}"
+    tag = ("" if precision == "fp32" else f"_{precision}") + ("_torch_kernels" if kernels == "torch" else "")
     ours_t, ref_t = [], []
     for _ in range(repeats):  # alternate, so drift on the machine hits both sides alike
         t0 = time.perf_counter()
@@ -163,7 +168,7 @@ def timing_cases(n_slices: int, precision: str, repeats: int):
     o, r = min(ours_t), min(ref_t)
     emit(case="first_propagation" + tag, ours_s=round(o, 3), ref_s=round(r, 3), ratio=round(r / o, 3),
          peak_rss_mb=round(rss_mb()), slices=n_slices, shape=list(volume.shape), precision=precision,
-         per_slice_ours_s=round(o / n_slices, 3))
+         kernels=model.kernels, per_slice_ours_s=round(o / n_slices, 3))
 
     c, point = k + n_slices // 4, [float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2]
     t0 = time.perf_counter()
@@ -174,6 +179,8 @@ def timing_cases(n_slices: int, precision: str, repeats: int):
     assert n_ours == n_ref
     emit(case="repropagation" + tag, ours_s=round(o, 3), ref_s=round(r, 3), ratio=round(r / o, 3),
          peak_rss_mb=round(rss_mb()), slices=n_ours, precision=precision)
+    if only_ratios:
+        return
 
     t0 = time.perf_counter()
     session.add_prompt(1, k, points=[[float(box[0]) + 3, float(box[1]) + 3]], labels=[0])
@@ -224,6 +231,7 @@ def main():
     timing_cases(n, "fp32", repeats=1 if args.full else 2)
     for m in ([96, 300] if args.full else [96]):
         subprocess.run([sys.executable, __file__, "--memory-only", str(m)], check=True)
+    timing_cases(n, "fp32", repeats=1, kernels="torch", only_ratios=True)
     timing_cases(n, "bf16", repeats=1)
 
 

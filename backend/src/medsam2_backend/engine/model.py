@@ -24,6 +24,7 @@ MEDSAM2_OVERRIDES = (
     "++model.memory_attention.layer.cross_attention.feat_sizes=[32,32]",
 )
 PRECISIONS = ("fp32", "bf16")
+KERNELS = ("onednn", "torch")
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: the model is randomly initialised, not MedSAM2. Masks are meaningless; "
     "use this only to test the pipeline.")
@@ -38,6 +39,7 @@ class Sam2Model:
     precision: str
     checkpoint_name: str  # file name, or "random weights"
     checkpoint_sha256: str | None
+    kernels: str = "torch"  # "onednn": fp32 linear layers prepacked for oneDNN (CPU), see cpu_kernels
 
     @property
     def random_weights(self) -> bool:
@@ -56,7 +58,8 @@ class Sam2Model:
     def describe(self) -> dict:
         return {"model": "SAM-2 hiera-tiny (MedSAM2 configuration)", "image_size": self.image_size,
                 "checkpoint": self.checkpoint_name, "checkpoint_sha256": self.checkpoint_sha256,
-                "random_weights": self.random_weights, "device": str(self.device), "precision": self.precision}
+                "random_weights": self.random_weights, "device": str(self.device), "precision": self.precision,
+                "kernels": self.kernels}
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -135,25 +138,44 @@ def load_state_dict(predictor: torch.nn.Module, path: os.PathLike) -> None:
     predictor.load_state_dict(state, strict=True)
 
 
+def default_kernels(device: torch.device, precision: str) -> str:
+    from .cpu_kernels import onednn_available
+
+    return "onednn" if device.type == "cpu" and precision == "fp32" and onednn_available() else "torch"
+
+
 def load_model(checkpoint: os.PathLike | str | None = None, *, device: str | None = None,
                precision: str | None = None, random_weights: bool = False, seed: int | None = 0,
-               trust_on_first_use: bool = False) -> Sam2Model:
-    """The model for a checkpoint path, a known checkpoint name, or random weights (only when asked for)."""
+               trust_on_first_use: bool = False, kernels: str | None = None) -> Sam2Model:
+    """The model for a checkpoint path, a known checkpoint name, or random weights (only when asked for).
+
+    `kernels`: "onednn" (default on the CPU in fp32: the same fp32 arithmetic, faster) or "torch".
+    """
     dev = pick_device(device)
     precision = precision or default_precision(dev)
     if precision not in PRECISIONS:
         raise EngineInputError(f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
+    kernels = kernels or default_kernels(dev, precision)
+    if kernels not in KERNELS or (kernels == "onednn" and default_kernels(dev, precision) != "onednn"):
+        raise EngineInputError(f"Kernels {kernels!r} are not available for {dev.type} {precision}; use "
+                               f"'torch' (or 'onednn' on a CPU in fp32).")
     if (checkpoint is None) == (not random_weights):
         raise EngineInputError("Give a MedSAM2 checkpoint (a file path or a known name), or ask explicitly for "
                                "random weights - not both, not neither.")
     if random_weights:
         log.warning(RANDOM_WEIGHTS_WARNING)
-        return Sam2Model(build_predictor(dev, seed), dev, precision, "random weights", None)
-    from .checkpoints import KNOWN_CHECKPOINTS, fetch_known
+        predictor, name, digest = build_predictor(dev, seed), "random weights", None
+    else:
+        from .checkpoints import KNOWN_CHECKPOINTS, fetch_known
 
-    path = pathlib.Path(checkpoint)
-    if not path.exists() and str(checkpoint) in KNOWN_CHECKPOINTS:
-        path = fetch_known(str(checkpoint), trust_on_first_use=trust_on_first_use)
-    predictor = build_predictor(dev)
-    load_state_dict(predictor, path)
-    return Sam2Model(predictor, dev, precision, path.name, sha256_of(path))
+        path = pathlib.Path(checkpoint)
+        if not path.exists() and str(checkpoint) in KNOWN_CHECKPOINTS:
+            path = fetch_known(str(checkpoint), trust_on_first_use=trust_on_first_use)
+        predictor = build_predictor(dev)
+        load_state_dict(predictor, path)
+        name, digest = path.name, sha256_of(path)
+    if kernels == "onednn":
+        from .cpu_kernels import pack_linear_layers
+
+        pack_linear_layers(predictor)
+    return Sam2Model(predictor, dev, precision, name, digest, kernels)
