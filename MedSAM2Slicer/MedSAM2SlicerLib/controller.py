@@ -1,8 +1,8 @@
 """The session controller: one user action (a prompt, a propagation) from RAS input to voxels in a segment.
 
-The backend is duck-typed: anything with `open_session(volume_kji, spacing_kji, axis, preprocessing)` returning a
-session with the engine's `add_prompt` / `propagate` / `set_preprocessing` / `reset_object` / `close` (the
-in-process engine adapter in `logic.py`, or the network client's `RemoteSession`).
+The backend is duck-typed: anything with `open_session(volume_kji, spacing_kji, axis, preprocessing, fingerprint)`
+returning a session with the engine's `add_prompt` / `propagate` / `set_preprocessing` / `reset_object` / `close`
+(the in-process engine adapter in `logic.py`, or the network client's `RemoteSession`).
 
 Decisions:
 - One backend session per (volume node, propagation axis). A volume whose voxels are unchanged (same fingerprint)
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -209,19 +208,18 @@ class SessionController:
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def fingerprint(self, volume_node) -> str:
-        """A hash of the voxels and spacing, recomputed only when the image data was modified."""
+        """The wire format's identity of the voxels (what the server knows volumes by), recomputed only when the
+        image data was modified; the backend then needs no hash of its own to skip an upload."""
         import slicer.util
+        from medsam2_client import wire
 
         mtime = volume_node.GetImageData().GetMTime()
         cached = self._fingerprints.get(volume_node.GetID())
         if cached is not None and cached[0] == mtime:
             return cached[1]
-        voxels = slicer.util.arrayFromVolume(volume_node)
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(repr((voxels.shape, voxels.dtype.str, geometry.spacing_kji(volume_node))).encode())
-        digest.update(np.ascontiguousarray(voxels).data)
-        self._fingerprints[volume_node.GetID()] = (mtime, digest.hexdigest())
-        return digest.hexdigest()
+        digest = wire.fingerprint(slicer.util.arrayFromVolume(volume_node))
+        self._fingerprints[volume_node.GetID()] = (mtime, digest)
+        return digest
 
     def _session_for(self, volume_node, axis: int) -> _OpenSession:
         key = (volume_node.GetID(), axis)
@@ -232,7 +230,8 @@ class SessionController:
             entry = None
         if entry is None:
             session = self.backend.open_session(geometry.volume_array_kji(volume_node),
-                                                geometry.spacing_kji(volume_node), axis, self.preprocessing)
+                                                geometry.spacing_kji(volume_node), axis, self.preprocessing,
+                                                fingerprint=fingerprint)
             entry = self._sessions[key] = _OpenSession(fingerprint, axis, session, self.preprocessing)
         elif entry.preprocessing != self.preprocessing:
             entry.session.set_preprocessing(self.preprocessing)

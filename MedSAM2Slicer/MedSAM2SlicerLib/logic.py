@@ -30,7 +30,9 @@ class InProcessBackend:
     def __init__(self, engine):
         self.engine = engine
 
-    def open_session(self, volume_kji: np.ndarray, spacing_kji, axis: int, preprocessing: dict | None):
+    def open_session(self, volume_kji: np.ndarray, spacing_kji, axis: int, preprocessing: dict | None,
+                     fingerprint: str | None = None):
+        """`fingerprint` only matters to a server (it skips re-uploads); in process there is nothing to skip."""
         return _InProcessSession(self.engine.open_session(volume_kji, spacing_kji, axis,
                                                           _preprocessing(preprocessing)))
 

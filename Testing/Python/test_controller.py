@@ -6,6 +6,7 @@ import slicer
 
 from medsam2_backend.engine import DiskEngine
 from medsam2_backend.engine.test_engine import disk, shrink_mask
+from medsam2_client import wire
 from MedSAM2SlicerLib import mrml_io, scenarios
 from MedSAM2SlicerLib.controller import MedSAM2ActionError, SessionController
 from MedSAM2SlicerLib.logic import InProcessBackend
@@ -18,11 +19,12 @@ class RecordingBackend(InProcessBackend):
 
     def __init__(self, fail_after=None):
         super().__init__(DiskEngine(radius=6, shrink=1))
-        self.opened, self.fail_after = [], fail_after
+        self.opened, self.fingerprints, self.fail_after = [], [], fail_after
 
-    def open_session(self, volume_kji, spacing_kji, axis, preprocessing):
+    def open_session(self, volume_kji, spacing_kji, axis, preprocessing, fingerprint=None):
         self.opened.append((volume_kji.shape, spacing_kji, axis, preprocessing))
-        session = super().open_session(volume_kji, spacing_kji, axis, preprocessing)
+        self.fingerprints.append(fingerprint)
+        session = super().open_session(volume_kji, spacing_kji, axis, preprocessing, fingerprint)
         if self.fail_after is not None:
             original, limit = session._session.propagate, self.fail_after
 
@@ -74,6 +76,7 @@ def test_unchanged_volume_is_not_reopened_and_a_changed_one_is(mrml):
     backend = RecordingBackend()
     volume, segmentation, target, controller = _setup(mrml, backend)
     a, b = (segmentation.GetSegmentation().AddEmptySegment(n) for n in "AB")
+    original = slicer.util.arrayFromVolume(volume).copy()
     controller.add_prompt(volume, target, a, points_ras=[[16.0, 15.0, 4]], labels=[1])
     controller.add_prompt(volume, target, b, points_ras=[[8.0, 8.0, 4]], labels=[1])
     assert len(backend.opened) == 1
@@ -83,6 +86,9 @@ def test_unchanged_volume_is_not_reopened_and_a_changed_one_is(mrml):
     slicer.util.arrayFromVolumeModified(volume)
     controller.add_prompt(volume, target, a, points_ras=[[16.0, 15.0, 4]], labels=[1])
     assert len(backend.opened) == 2
+    # the backend is told the wire-format fingerprint of exactly the voxels it gets, so a server skips no upload
+    # it needs and repeats none it does not
+    assert backend.fingerprints == [wire.fingerprint(v) for v in (original, slicer.util.arrayFromVolume(volume))]
     with pytest.raises(MedSAM2ActionError, match="before propagating"):
         controller.propagate(volume, target, b)  # b's object lived on the dropped session
 

@@ -69,6 +69,11 @@ def bench_upload(slices: int) -> None:
         repeat = time.perf_counter() - t0
         assert again.uploads == 0
         emit(case="upload_repeat", ours_s=round(repeat, 3), note="fingerprint (blake2b of the voxels) + one request")
+        t0 = time.perf_counter()
+        known = client.open_session(vol, axis=2, fingerprint=again.fingerprint)
+        assert known.uploads == 0
+        emit(case="upload_repeat_known_fingerprint", ours_s=round(time.perf_counter() - t0, 4),
+             note="as Slicer opens it: the fingerprint kept since the voxels last changed, one request")
     finally:
         stop_process(proc)
 

@@ -50,6 +50,8 @@ def test_repeat_open_skips_the_upload_and_points_work(client):
     a = client.open_session(vol)
     b = client.open_session(vol.copy(), spacing=(3, 1, 1))
     assert (a.uploads, b.uploads) == (1, 0) and a.session_id != b.session_id
+    known = client.open_session(vol, axis=1, fingerprint=a.fingerprint)  # a caller that kept the fingerprint
+    assert known.uploads == 0 and known.fingerprint == a.fingerprint and known.slice_shape == (6, 32)
     r = b.add_prompt(0, 3, points=np.array([[10, 12], [20, 12]]), labels=np.array([1, 0]))
     rows, cols = np.ogrid[:32, :32]
     expected = ((cols - 10) ** 2 + (rows - 12) ** 2 <= 25) & ~((cols - 20) ** 2 + (rows - 12) ** 2 <= 25)
