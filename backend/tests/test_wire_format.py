@@ -125,3 +125,10 @@ def test_frames_stream_and_truncation():
     with pytest.raises(EOFError):
         while wire.read_frame(cut) is not None:
             pass
+
+
+def test_loopback_is_this_computer_only():
+    from medsam2_client.protocol import is_loopback
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.20", "10.0.0.1", "gpu-host.example.org", ""]))

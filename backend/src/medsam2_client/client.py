@@ -33,10 +33,6 @@ class SliceMask:
     stage: str
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 class MedSAM2Client:
     """A connection profile for one server. `codec` "raw" or "zlib" (default: raw on loopback, else zlib)."""
 
@@ -50,7 +46,7 @@ class MedSAM2Client:
         self._host, self._port = parts.hostname, parts.port or (443 if self._https else 80)
         self.token = token
         self.timeout, self.connect_timeout = timeout, connect_timeout
-        self.codec = codec or ("raw" if _is_loopback(self._host) else "zlib")
+        self.codec = codec or ("raw" if protocol.is_loopback(self._host) else "zlib")
         self._compatible = False
 
     # ---- public -----------------------------------------------------------------------------------------------

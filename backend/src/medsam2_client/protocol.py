@@ -4,6 +4,8 @@ Both sides import these names so a route or code can never be spelled two ways. 
 when a request or response changes incompatibly; the client refuses a server with another major version.
 """
 
+import ipaddress
+
 PROTOCOL_VERSION = 1
 API_PREFIX = "/v1"
 
@@ -45,3 +47,13 @@ MAX_JSON_BYTES = 64 << 20  # a JSON request (a mask prompt is a few kB compresse
 PROMPT_TYPES = ("points", "box", "mask")
 DIRECTIONS = ("both", "forward", "backward")
 POSTPROCESS_STEPS = ("largest_component", "fill_holes")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this computer only: the server needs no token there, the client sends raw voxels."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -113,10 +113,6 @@ class PropagationRun:
     def cancel(self) -> None:
         self._cancel.set()
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
     def __iter__(self) -> Iterator[SliceResult]:
         s = self._session
         done_objects, reported = [], set()

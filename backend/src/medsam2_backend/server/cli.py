@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import pathlib
 import sys
 
 from medsam2_client import protocol
-
-_LOOPBACK_NAMES = ("localhost",)
-
-
-def is_loopback(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="medsam2-server", description=__doc__)
@@ -63,7 +50,7 @@ def main(argv=None) -> int:
             return _fail(f"cannot read the token file {args.token_file}: {e.strerror}.")
         if not token:
             return _fail(f"the token file {args.token_file} is empty.")
-    if not is_loopback(args.host) and not token:
+    if not protocol.is_loopback(args.host) and not token:
         return _fail(f"refusing to listen on {args.host} without an access token: anyone on the network could "
                      f"use this server. Give --token-file (or --token), or listen on 127.0.0.1.")
     if args.threads is not None and args.threads < 1:
