@@ -12,6 +12,8 @@ the block's extent and both subject to the editor's masking and overwrite settin
 
 from __future__ import annotations
 
+import pathlib
+import tempfile
 import time
 import types
 from typing import Callable
@@ -35,6 +37,12 @@ def headless_scene():
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)
+    # slicer-core ships no default color files, and without a home the color logic logs an error for that; an
+    # empty share folder says the same thing quietly (the built-in color tables are still created).
+    home = pathlib.Path(tempfile.gettempdir()) / "medsam2-slicer-headless"
+    (home / "share" / "ColorFiles").mkdir(parents=True, exist_ok=True)
+    app_logic.SetHomeDirectory(str(home))
+    app_logic.SetShareDirectory("share")
     modules = types.SimpleNamespace()
     for name, logic_class in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
                               ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
