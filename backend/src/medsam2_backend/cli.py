@@ -18,12 +18,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 
 from .engine import CT_PRESETS, EngineInputError, Preprocessing, load_engine  # noqa: E402
-from .engine.model import RANDOM_WEIGHTS_WARNING  # noqa: E402
-
-
-def _banner(text: str) -> None:
-    line = "!" * min(100, len(text) + 8)
-    print(f"\n{line}\n!!! {text}\n{line}\n", file=sys.stderr, flush=True)
+from .engine.model import RANDOM_WEIGHTS_WARNING, shout  # noqa: E402
 
 
 def segment_file(volume_path: str, out_dir: pathlib.Path, *, slice_index: int | None, box: list[float] | None,
@@ -42,7 +37,7 @@ def segment_file(volume_path: str, out_dir: pathlib.Path, *, slice_index: int | 
     engine = load_engine(checkpoint, device=device, precision=precision, random_weights=random_weights)
     timings["load_model_s"] = time.perf_counter() - t0
     if engine.model.random_weights:
-        _banner(RANDOM_WEIGHTS_WARNING)
+        shout(RANDOM_WEIGHTS_WARNING)
     session = engine.open_session(volume, spacing=np.linalg.norm(header["space directions"], axis=1), axis=axis,
                                   preprocessing=preprocessing)
     k = session.num_slices // 2 if slice_index is None else slice_index
@@ -117,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Report:       {pathlib.Path(report['segmentation']).parent / 'report.json'}")
     print("Timings:      " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in t.items()))
     if report["model"]["random_weights"]:
-        _banner("These masks come from RANDOM WEIGHTS, not MedSAM2. Give --checkpoint for real results.")
+        shout("These masks come from RANDOM WEIGHTS, not MedSAM2. Give --checkpoint for real results.")
     return 0
 
 

@@ -30,6 +30,14 @@ RANDOM_WEIGHTS_WARNING = (
     "use this only to test the pipeline.")
 
 
+def shout(text: str, stream=None) -> None:
+    """Print `text` between lines of '!' so nobody misses it (random weights), on stderr by default."""
+    import sys
+
+    line = "!" * min(100, len(text) + 8)
+    print(f"\n{line}\n!!! {text}\n{line}\n", file=stream or sys.stderr, flush=True)
+
+
 @dataclasses.dataclass
 class Sam2Model:
     """A ready SAM-2 video predictor plus what a user needs to know about it."""

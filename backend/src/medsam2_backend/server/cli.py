@@ -74,10 +74,9 @@ def main(argv=None) -> int:
 
             torch.set_num_threads(args.threads)
         if args.random_weights:
-            from ..engine.model import RANDOM_WEIGHTS_WARNING
+            from ..engine.model import RANDOM_WEIGHTS_WARNING, shout
 
-            banner = "!" * 100
-            print(f"{banner}\n{RANDOM_WEIGHTS_WARNING}\n{banner}", file=sys.stderr, flush=True)
+            shout(RANDOM_WEIGHTS_WARNING)
         try:
             engine = load_engine(args.checkpoint, device=args.device, precision=args.precision,
                                  random_weights=args.random_weights, trust_on_first_use=args.trust_on_first_use)
