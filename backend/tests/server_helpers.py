@@ -82,6 +82,7 @@ class SlowDiskEngine(DiskEngine):
         super().__init__(**kwargs)
         self.delay = delay
         self.tracked = 0
+        self.lock = threading.RLock()  # held per slice, as the SAM-2 engine holds its accelerator lock
 
     def open_session(self, *args, **kwargs):
         session = super().open_session(*args, **kwargs)
@@ -89,7 +90,8 @@ class SlowDiskEngine(DiskEngine):
 
         def slow_track(*track_args):
             for result in track(*track_args):
-                time.sleep(self.delay)
+                with self.lock:
+                    time.sleep(self.delay)
                 self.tracked += 1
                 yield result
 

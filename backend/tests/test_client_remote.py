@@ -185,3 +185,29 @@ def test_a_busy_session_answers_busy_instead_of_hanging():
             s.add_prompt(1, 3, box=(2, 2, 9, 9))
         run.cancel()
         assert list(run) == [] and run.summary.cancelled
+
+
+def test_a_waiting_propagation_never_blocks_the_server():
+    """While one session's slice holds the engine's lock, other requests (health, a second propagation) go on."""
+    engine = SlowDiskEngine(delay=0.4, radius=5, shrink=1)
+    with thread_server(engine) as (url, _):
+        c = MedSAM2Client(url, timeout=20)
+        sessions = [c.open_session(random_volume((6, 24, 24), seed=k)) for k in range(2)]
+        for s in sessions:
+            s.add_prompt(1, 0, box=(2, 2, 20, 20))
+        results = {}
+        threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, list(sessions[k].propagate())))
+                   for k in range(2)]
+        threads[0].start()
+        time.sleep(0.3)
+        threads[1].start()
+        worst = 0.0
+        while any(t.is_alive() for t in threads):
+            t0 = time.perf_counter()
+            c.health()
+            worst = max(worst, time.perf_counter() - t0)
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        assert [len(results[k]) for k in range(2)] == [6, 6]
+        assert worst < 0.3, f"health took {worst:.2f} s while propagations waited for the engine"

@@ -240,7 +240,7 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
     @guarded.post(protocol.PROMPTS)
     def add_prompt(session_id: str, req: PromptRequest) -> Response:
         mask = _decode_mask_prompt(req.mask)
-        with manager.use(session_id) as s, manager.accelerator_lock:
+        with manager.use(session_id) as s:
             r = s.engine_session.add_prompt(req.obj_id, req.slice_index, points=req.points, labels=req.labels,
                                             box=req.box, mask=mask, replace=req.replace)
         return Response(wire.slice_frame(r.obj_id, r.slice_index, r.mask, r.object_score, r.iou, r.stage, 1, 1),
@@ -250,9 +250,8 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
     async def propagate(session_id: str, req: PropagateRequest, request: Request) -> StreamingResponse:
         s = await run_in_threadpool(manager.acquire, session_id)
         try:
-            with manager.accelerator_lock:
-                run = s.engine_session.propagate(req.obj_ids, req.direction, req.start, req.stop,
-                                                 req.stop_after_empty, req.postprocess)
+            run = s.engine_session.propagate(req.obj_ids, req.direction, req.start, req.stop,
+                                             req.stop_after_empty, req.postprocess)
         except BaseException:
             manager.release(s)
             raise
@@ -268,7 +267,7 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
     @guarded.put(protocol.PREPROCESSING)
     def set_preprocessing(session_id: str, options: dict) -> dict:
         preprocessing = preprocessing_from(options) or Preprocessing()
-        with manager.use(session_id) as s, manager.accelerator_lock:
+        with manager.use(session_id) as s:
             s.engine_session.set_preprocessing(preprocessing)
         return {"ok": True}
 

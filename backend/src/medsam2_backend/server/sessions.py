@@ -1,7 +1,8 @@
 """The server's sessions: one volume each, bounded in number, idle time and memory.
 
-A session is used by one request at a time (its own lock); engine work of all sessions goes through the engine's
-accelerator lock, so concurrent sessions never interleave inside the model. Sessions idle for longer than the
+A session is used by one request at a time (its own lock); the engine serialises model work of all sessions
+itself (the SAM-2 engine holds one lock for the accelerator around each slice), so concurrent sessions never
+interleave inside the model, and nothing here blocks the server's event loop on it. Sessions idle for longer than the
 idle timeout expire; when the memory estimate (volumes + mask stores + feature caches) exceeds the budget, the
 least recently used idle sessions are evicted. Either way the client gets `session_expired` and re-opens.
 Volumes are shared by fingerprint, and a closed session's volume is kept (first to go under memory pressure) so
@@ -55,8 +56,6 @@ class SessionManager:
         self.memory_budget_bytes = memory_budget_bytes
         self.idle_timeout_s = idle_timeout_s
         self.busy_wait_s = busy_wait_s
-        # The engine's accelerator lock (re-entrant) when it has one; engines without shared state get their own.
-        self.accelerator_lock = getattr(engine, "lock", None) or threading.RLock()
         self._lock = threading.Lock()
         self._sessions: collections.OrderedDict[str, ManagedSession] = collections.OrderedDict()  # LRU first
         self._spare_volumes: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()

@@ -43,8 +43,7 @@ class PropagationStream:
             if not self._offer(wire.json_frame(wire.START, {"planned": planned})):
                 return
             while True:
-                with self.manager.accelerator_lock:
-                    r = next(steps, None)
+                r = next(steps, None)  # the engine holds its accelerator lock for the slice's model work
                 if r is None:
                     break
                 data = wire.slice_frame(r.obj_id, r.slice_index, r.mask, r.object_score, r.iou, r.stage,
