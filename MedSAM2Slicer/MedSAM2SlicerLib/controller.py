@@ -125,7 +125,10 @@ class SessionController:
                 point_slice, kwargs["points"] = geometry.ras_to_slice_pixels(
                     np.asarray(points_ras, float), ijk_to_ras, choice.axis, shape)
                 kwargs["labels"] = np.asarray(labels if labels is not None else [1] * len(kwargs["points"]))
-                slice_index = point_slice if slice_index is None else slice_index
+                if slice_index is not None and point_slice != slice_index:
+                    raise MedSAM2ActionError(f"The box is on slice {slice_index} and the points on slice "
+                                             f"{point_slice}; place them on the same slice.")
+                slice_index = point_slice
             obj_id = self._object_for(volume_node, entry, segment_id)
             result = entry.session.add_prompt(obj_id, slice_index, **kwargs)
             writer = self._writer(volume_node, target, segment_id, choice.axis)
@@ -159,12 +162,10 @@ class SessionController:
                                           stop_after_empty=stop_after_empty, postprocess=tuple(postprocess))
             self._run = run
             try:
-                done = 0
                 for result in run:
                     writer.add(result.slice_index, result.mask)
-                    done += 1
                     if progress is not None:
-                        progress(done, run.planned)
+                        progress(run.done, run.planned)
             finally:
                 self._run = None
             writer.flush()

@@ -136,6 +136,26 @@ def test_cancel_from_the_progress_callback_stops_between_slices(mrml):
     assert outcome.cancelled and outcome.slices_written == 3
 
 
+def test_progress_counts_tracked_slices_only(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    controller.add_prompt(volume, target, a, points_ras=[[16.0, 15.0, 0]], labels=[1])
+    seen = []
+    controller.propagate(volume, target, a, direction="forward", postprocess=["largest_component", "fill_holes"],
+                         progress=lambda done, planned: seen.append((done, planned)))
+    assert seen[:12] == [(k, 12) for k in range(1, 13)]
+    assert all(step == (12, 12) for step in seen[12:]), "post-processed slices rewrite; they are not progress"
+
+
+def test_points_and_a_box_must_share_their_slice(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    with pytest.raises(MedSAM2ActionError, match="same slice"):
+        controller.add_prompt(volume, target, a, box_corners_ras=[[4.0, 4.0, 4.0], [20.0, 20.0, 4.0]],
+                              points_ras=[[16.0, 15.0, 8.0]], labels=[1])
+    assert _segment(segmentation, a, volume).sum() == 0
+
+
 def test_box_with_negative_point_and_view_on_another_axis(mrml):
     volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
     a = segmentation.GetSegmentation().AddEmptySegment("A")

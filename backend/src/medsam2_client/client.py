@@ -307,10 +307,14 @@ class RemotePropagation:
         self._cancelled = False
         self.summary: PropagationSummary | None = None
         self.done = 0
-        kind, payload = self._next_frame()
-        if kind != wire.START:
-            raise errors.ServerError("The server's propagation stream did not start properly; check its log.")
-        self.planned = json.loads(payload)["planned"]
+        try:
+            kind, payload = self._next_frame()
+            if kind != wire.START:
+                raise errors.ServerError("The server's propagation stream did not start properly; check its log.")
+            self.planned = json.loads(payload)["planned"]
+        except BaseException:
+            self.close()  # nobody will iterate this stream: free its connection now
+            raise
 
     def _next_frame(self) -> tuple[int, bytes]:
         with self._client._translated_errors():

@@ -113,6 +113,11 @@ class PropagationRun:
     def cancel(self) -> None:
         self._cancel.set()
 
+    @property
+    def done(self) -> int:
+        """Slices tracked so far (of `planned`); post-processed slices rewrite tracked ones and do not count."""
+        return self.summary.slices_done
+
     def __iter__(self) -> Iterator[SliceResult]:
         s = self._session
         done_objects, reported = [], set()
