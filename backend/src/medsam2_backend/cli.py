@@ -18,7 +18,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 
 from .engine import CT_PRESETS, EngineInputError, Preprocessing, load_engine  # noqa: E402
-from .engine.model import RANDOM_WEIGHTS_WARNING, shout  # noqa: E402
+from .engine.model import shout  # noqa: E402
 
 
 def segment_file(volume_path: str, out_dir: pathlib.Path, *, slice_index: int | None, box: list[float] | None,
@@ -36,8 +36,6 @@ def segment_file(volume_path: str, out_dir: pathlib.Path, *, slice_index: int | 
     t0 = time.perf_counter()
     engine = load_engine(checkpoint, device=device, precision=precision, random_weights=random_weights)
     timings["load_model_s"] = time.perf_counter() - t0
-    if engine.model.random_weights:
-        shout(RANDOM_WEIGHTS_WARNING)
     session = engine.open_session(volume, spacing=np.linalg.norm(header["space directions"], axis=1), axis=axis,
                                   preprocessing=preprocessing)
     k = session.num_slices // 2 if slice_index is None else slice_index

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import pathlib
 
@@ -12,8 +11,6 @@ import torch
 
 from .checkpoints import sha256_of
 from .errors import EngineInputError
-
-log = logging.getLogger(__name__)
 
 SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 IMAGE_SIZE = 512
@@ -171,7 +168,7 @@ def load_model(checkpoint: os.PathLike | str | None = None, *, device: str | Non
         raise EngineInputError("Give a MedSAM2 checkpoint (a file path or a known name), or ask explicitly for "
                                "random weights - not both, not neither.")
     if random_weights:
-        log.warning(RANDOM_WEIGHTS_WARNING)
+        shout(RANDOM_WEIGHTS_WARNING)  # every entry point (CLI, server, Python) says it once, loudly
         predictor, name, digest = build_predictor(dev, seed), "random weights", None
     else:
         from .checkpoints import KNOWN_CHECKPOINTS, fetch_known

@@ -73,10 +73,6 @@ def main(argv=None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        if args.random_weights:
-            from ..engine.model import RANDOM_WEIGHTS_WARNING, shout
-
-            shout(RANDOM_WEIGHTS_WARNING)
         try:
             engine = load_engine(args.checkpoint, device=args.device, precision=args.precision,
                                  random_weights=args.random_weights, trust_on_first_use=args.trust_on_first_use)
