@@ -101,6 +101,7 @@ def test_two_objects_are_independent():
     s = session()
     s.add_prompt(1, 10, box=[0, 0, 10, 10])
     s.add_prompt(2, 4, box=[30, 20, 45, 35])
+    assert s.working_bytes() == 2 * VOL.size  # one bool mask volume per object
     results = list(s.propagate(obj_ids=[2]))
     assert {x.obj_id for x in results} == {2}
     assert not s.object_mask(1)[4].any() and s.object_mask(2)[4, 25, 35]

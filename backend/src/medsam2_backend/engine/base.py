@@ -328,6 +328,10 @@ class VolumeSession(abc.ABC):
             raise EngineInputError(f"Object {obj_id} has no prompt yet.")
         return np.moveaxis(self._masks[obj_id], 0, self.axis)
 
+    def working_bytes(self) -> int:
+        """Memory this session holds beyond the volume it was given (the server budgets sessions by it)."""
+        return sum(m.nbytes for m in self._masks.values())
+
     def prompts(self, obj_id: int) -> dict[int, SlicePrompt]:
         return dict(self._objects[self._check_obj_id(obj_id)].prompts)
 

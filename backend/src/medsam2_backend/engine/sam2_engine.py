@@ -160,6 +160,9 @@ class Sam2VolumeSession(VolumeSession):
     def _forget_object(self, obj_id: int) -> None:
         self._states.pop(obj_id, None)
 
+    def working_bytes(self) -> int:
+        return super().working_bytes() + self.cache.nbytes
+
     def close(self) -> None:
         super().close()
         self.cache.clear()  # the features are the bulk of a session's memory: free them now, not at collection

@@ -41,10 +41,8 @@ class ManagedSession:
     closed: bool = False
 
     def working_bytes(self) -> int:
-        """Memory beyond the volume: one bool mask volume per object, plus the engine's feature cache."""
-        s = self.engine_session
-        cache = getattr(s, "cache", None)
-        return len(s.object_ids) * self.volume.size + (getattr(cache, "nbytes", 0) or 0)
+        """Memory beyond the volume, as the engine session counts it (masks, feature cache)."""
+        return self.engine_session.working_bytes()
 
 
 class SessionManager:
