@@ -22,9 +22,10 @@ from .mrml_io import EditorLogicTarget
 
 
 class InProcessBackend:
-    """Adapts an engine object (SAM-2 or the test engine) to the backend interface the client also offers.
+    """An engine object (SAM-2 or the test engine) behind the backend interface the client also offers.
 
-    Preprocessing travels as a dict of `Preprocessing` fields, exactly as it does over the network.
+    Preprocessing travels as a dict of `Preprocessing` fields, exactly as it does over the network; engine
+    sessions take that form themselves.
     """
 
     def __init__(self, engine):
@@ -33,25 +34,7 @@ class InProcessBackend:
     def open_session(self, volume_kji: np.ndarray, spacing_kji, axis: int, preprocessing: dict | None,
                      fingerprint: str | None = None):
         """`fingerprint` only matters to a server (it skips re-uploads); in process there is nothing to skip."""
-        return _InProcessSession(self.engine.open_session(volume_kji, spacing_kji, axis,
-                                                          _preprocessing(preprocessing)))
-
-
-class _InProcessSession:
-    def __init__(self, session):
-        self._session = session
-
-    def set_preprocessing(self, preprocessing: dict | None) -> None:
-        self._session.set_preprocessing(_preprocessing(preprocessing))
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
-
-
-def _preprocessing(fields: dict | None):
-    from medsam2_backend.engine import Preprocessing
-
-    return Preprocessing(**(fields or {}))
+        return self.engine.open_session(volume_kji, spacing_kji, axis, preprocessing)
 
 
 @dataclasses.dataclass

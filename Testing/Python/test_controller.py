@@ -26,7 +26,7 @@ class RecordingBackend(InProcessBackend):
         self.fingerprints.append(fingerprint)
         session = super().open_session(volume_kji, spacing_kji, axis, preprocessing, fingerprint)
         if self.fail_after is not None:
-            original, limit = session._session.propagate, self.fail_after
+            original, limit = session.propagate, self.fail_after
 
             def failing_propagate(*args, **kwargs):
                 run = original(*args, **kwargs)
@@ -37,8 +37,9 @@ class RecordingBackend(InProcessBackend):
                             raise ConnectionError("the server went away")
                         yield result
                 return type("Run", (), {"planned": run.planned, "summary": run.summary, "cancel": run.cancel,
+                                        "done": property(lambda self: run.done),
                                         "__iter__": lambda self: stream()})()
-            session._session.propagate = failing_propagate
+            session.propagate = failing_propagate
         return session
 
 

@@ -92,3 +92,13 @@ def test_json_form_is_normalised_so_equal_settings_compare_equal():
     for bad in ({"percentiles": [1, 2, 3]}, {"level": "high", "width": 1}, {"percentiles": None}):
         with pytest.raises(EngineInputError, match="must be numbers"):
             Preprocessing(**bad)
+
+
+def test_settings_come_from_none_an_object_or_their_json_form():
+    assert Preprocessing.from_options(None) == Preprocessing()
+    lung = Preprocessing(preset="lung")
+    assert Preprocessing.from_options(lung) is lung
+    assert Preprocessing.from_options({"level": 40, "width": 400}).window == (-160.0, 240.0)
+    for bad in ({"gamma": 2}, ["lung"], "lung"):
+        with pytest.raises(EngineInputError, match="fields preset, level, width, percentiles, resize only"):
+            Preprocessing.from_options(bad)

@@ -185,7 +185,7 @@ class VolumeSession(abc.ABC):
     """
 
     def __init__(self, volume: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0), axis: int = 0,
-                 preprocessing: Preprocessing | None = None):
+                 preprocessing: Preprocessing | dict | None = None):
         validate_volume(volume)
         if axis not in (0, 1, 2):
             raise EngineInputError(f"The propagation axis must be 0, 1 or 2, not {axis!r}.")
@@ -197,7 +197,7 @@ class VolumeSession(abc.ABC):
         self.axis = axis
         self.num_slices = volume.shape[axis]
         self.slice_shape = tuple(n for i, n in enumerate(volume.shape) if i != axis)
-        self.preprocessing = preprocessing or Preprocessing()
+        self.preprocessing = Preprocessing.from_options(preprocessing)
         self._objects: dict[int, _ObjectRecord] = {}
         self._masks: dict[int, np.ndarray] = {}  # obj_id -> bool (num_slices, H, W)
 
@@ -300,8 +300,10 @@ class VolumeSession(abc.ABC):
                         passes.append(Pass(o, side, first, last))
         return PropagationRun(self, passes, stop_after_empty, postprocess)
 
-    def set_preprocessing(self, preprocessing: Preprocessing) -> None:
-        """Change the intensity mapping; prompts are kept and replayed, every side must be propagated again."""
+    def set_preprocessing(self, preprocessing) -> None:
+        """Change the intensity mapping (a `Preprocessing`, its dict form, or None for the default); prompts are
+        kept and replayed, every side must be propagated again."""
+        preprocessing = Preprocessing.from_options(preprocessing)
         if preprocessing == self.preprocessing:
             return
         self.preprocessing = preprocessing

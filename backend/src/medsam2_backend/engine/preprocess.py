@@ -68,6 +68,18 @@ class Preprocessing:
         if self.resize not in RESIZE_MODES:
             raise EngineInputError(f"Unknown resize mode {self.resize!r}; use one of {', '.join(RESIZE_MODES)}.")
 
+    @classmethod
+    def from_options(cls, options) -> "Preprocessing":
+        """Settings from what callers hold: None (the default), a `Preprocessing`, or its JSON form (a dict)."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(options, dict) or set(options) - set(names):
+            raise EngineInputError(f"Preprocessing is an object with the fields {', '.join(names)} only.")
+        return cls(**options)
+
     @property
     def window(self) -> tuple[float, float] | None:
         """The CT window as (low, high), or None for percentile scaling."""

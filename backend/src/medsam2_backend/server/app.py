@@ -62,19 +62,6 @@ class PropagateRequest(_Request):
     postprocess: list[str] = []
 
 
-_PREPROCESSING_FIELDS = ("preset", "level", "width", "percentiles", "resize")
-
-
-def preprocessing_from(options) -> Preprocessing | None:
-    """A `Preprocessing` from its JSON form; the engine says what is wrong with bad values."""
-    if options is None:
-        return None
-    if not isinstance(options, dict) or set(options) - set(_PREPROCESSING_FIELDS):
-        raise ApiError(protocol.BAD_REQUEST, f"Preprocessing is an object with the fields "
-                       f"{', '.join(_PREPROCESSING_FIELDS)} only.")
-    return Preprocessing(**options)
-
-
 def _decode_mask_prompt(text: str | None):
     if text is None:
         return None
@@ -213,17 +200,15 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
             if volume is None:
                 raise ApiError(protocol.NOT_FOUND, "The server does not have this volume yet; upload it.")
             s = await run_in_threadpool(manager.create, volume, req.fingerprint, req.spacing, req.axis,
-                                        preprocessing_from(req.preprocessing))
+                                        req.preprocessing)
             return _session_info(s)
         if not content_type.startswith(wire.VOLUME_MEDIA_TYPE):
             raise ApiError(protocol.BAD_REQUEST, f"Send a volume as {wire.VOLUME_MEDIA_TYPE}, or JSON with its "
                            f"fingerprint.")
         options = request.headers.get(protocol.PREPROCESSING_HEADER)
         try:
-            preprocessing = preprocessing_from(json.loads(options)) if options else None
-        except ValueError as e:
-            if isinstance(e, EngineInputError):
-                raise
+            preprocessing = json.loads(options) if options else None
+        except ValueError:
             raise ApiError(protocol.BAD_REQUEST, f"The {protocol.PREPROCESSING_HEADER} header is not JSON.") \
                 from None
         volume, header = await _receive_volume(request, max_upload_bytes)
@@ -266,7 +251,7 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
 
     @guarded.put(protocol.PREPROCESSING)
     def set_preprocessing(session_id: str, options: dict) -> dict:
-        preprocessing = preprocessing_from(options) or Preprocessing()
+        preprocessing = Preprocessing.from_options(options)
         with manager.use(session_id) as s:
             s.engine_session.set_preprocessing(preprocessing)
         return {"ok": True}
