@@ -11,13 +11,13 @@ import numpy as np
 import qt
 import slicer
 import vtk
+from medsam2_client.protocol import DIRECTIONS
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import shared_logic
 
 DRAG_THRESHOLD_PX = 5  # a press and release further apart than this is a box, else a point
-DIRECTIONS = ("both", "forward", "backward")
 
 
 class EffectTarget:

@@ -132,3 +132,11 @@ def test_loopback_is_this_computer_only():
 
     assert all(map(is_loopback, ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.20", "10.0.0.1", "gpu-host.example.org", ""]))
+
+
+def test_the_protocol_names_what_the_engine_accepts():
+    from medsam2_backend import engine
+    from medsam2_client import protocol
+
+    assert protocol.DIRECTIONS == engine.DIRECTIONS
+    assert protocol.POSTPROCESS_STEPS == engine.POSTPROCESS_STEPS
