@@ -292,11 +292,11 @@ class VolumeSession(abc.ABC):
                 first = rec.dirty.get(side, rec.anchor)
                 if side == FORWARD:
                     first, last = max(first, lo), hi
-                    if first <= last and first <= hi:
+                    if first <= last:
                         passes.append(Pass(o, side, first, last))
                 else:
                     first, last = min(first, hi), lo
-                    if first >= last and first >= lo:
+                    if first >= last:
                         passes.append(Pass(o, side, first, last))
         return PropagationRun(self, passes, stop_after_empty, postprocess)
 

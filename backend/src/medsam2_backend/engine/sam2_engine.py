@@ -36,14 +36,13 @@ class FeatureCache:
         self._entries: collections.OrderedDict[int, list[torch.Tensor]] = collections.OrderedDict()
         self._pos_enc: list[torch.Tensor] | None = None
         self.nbytes = 0
-        self.hits = self.misses = 0
+        self.misses = 0  # slices encoded: a correction must not add any
 
     def get(self, k: int) -> dict | None:
         fpn = self._entries.get(k)
         if fpn is None:
             self.misses += 1
             return None
-        self.hits += 1
         self._entries.move_to_end(k)
         return {"backbone_fpn": list(fpn), "vision_pos_enc": list(self._pos_enc)}
 
