@@ -3,6 +3,8 @@
 The work happens in `MedSAM2SlicerLib` (Qt-free); this file only wires widgets to `MedSAM2SlicerLogic`.
 """
 
+import os
+
 import qt
 import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
@@ -31,13 +33,13 @@ class MedSAM2Slicer(ScriptedLoadableModule):
 
 
 def register_effect():
-    """Register the effect with the Segment Editor (see `effect_source` for how Slicer finds its class)."""
+    """Register the effect with the Segment Editor (see `SegmentEditorMedSAM2Lib` for how Slicer finds its class)."""
     import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
-    from MedSAM2SlicerLib.SegmentEditorEffect import effect_source
-
+    # As SegmentEditorExtraEffects: the effect file's folder names the package Slicer imports it from.
+    path = os.path.join(os.path.dirname(__file__), "SegmentEditorMedSAM2Lib", "SegmentEditorEffect.py")
     instance = effects.qSlicerSegmentEditorScriptedEffect(None)
-    instance.setPythonSource(effect_source())
+    instance.setPythonSource(path.replace("\\", "/"))
     instance.self().register()
 
 

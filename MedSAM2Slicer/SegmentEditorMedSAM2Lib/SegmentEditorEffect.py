@@ -1,11 +1,10 @@
 """The MedSAM2 Segment Editor effect: click (point) or drag (box) on a slice, then propagate through the volume.
 
 Thin by design: it turns view events into RAS prompts and buttons into calls of the shared `MedSAM2SlicerLogic`
-controller; geometry, sessions and writing live in the Qt-free library next to this file.
+controller; geometry, sessions and writing live in the Qt-free `MedSAM2SlicerLib`.
 """
 
 import os
-import sys
 
 import numpy as np
 import qt
@@ -16,6 +15,8 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import shared_logic
+
+__all__ = ["SegmentEditorEffect"]
 
 DRAG_THRESHOLD_PX = 5  # a press and release further apart than this is a box, else a point
 
@@ -51,7 +52,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
         clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
-        clonedEffect.setPythonSource(effect_source())
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
         return clonedEffect
 
     def icon(self):
@@ -187,17 +188,3 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         warning = getattr(result, "axis_warning", None)
         self.statusLabel.text = warning or ""
         return result
-
-
-def effect_source() -> str:
-    """The path to give `qSlicerSegmentEditorScriptedEffect.setPythonSource`, with the class made findable.
-
-    setPythonSource takes the module name from the file's folder (`MedSAM2SlicerLib`) and the class name from its
-    base name (`SegmentEditorEffect`) and instantiates `MedSAM2SlicerLib.SegmentEditorEffect` if that attribute
-    exists; only otherwise does it execute the file as the module `MedSAM2SlicerLib`, which would run the effect
-    into (or, with importlib, over) the already imported package. Importing this file sets that package attribute
-    to the submodule, so rebind it to the class, as the `from .SegmentEditorEffect import *` in the `__init__.py` of
-    Slicer's effect template does (done here, not in `__init__.py`, so the library stays importable without Qt).
-    """
-    sys.modules[__package__].SegmentEditorEffect = SegmentEditorEffect
-    return __file__.replace("\\", "/")
