@@ -16,6 +16,8 @@ $(STAMP): requirements-dev.txt backend/pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check -r requirements-dev.txt
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --disable-pip-version-check --no-build-isolation --no-deps sam2==$(SAM2_VERSION)
 	$(PIP) install -q --disable-pip-version-check --no-deps -e backend
+	# Test data only (MNI152 T1 + grey/white matter maps): nilearn's own dependencies are not needed.
+	$(PIP) install -q --disable-pip-version-check --no-deps nilearn==0.14.1
 	touch $(STAMP)
 
 test: setup

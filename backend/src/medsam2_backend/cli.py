@@ -1,117 +1,233 @@
-"""`medsam2-segment`: segment a NRRD volume from a box on one slice, propagate both ways, save a .seg.nrrd.
+"""`medsam2-segment`: MedSAM2 without Slicer, for one image or a cohort.
 
-`demo` does the same on the CT sample that ships with slicerio, with random weights unless a checkpoint is given.
-Errors are printed as one sentence (exit code 2), never as a traceback.
+  segment  one image (NIfTI, NRRD, MHA/MHD or a DICOM series folder) from a prompts file, from ground-truth labels
+           (with metrics), or from --slice/--box; writes a .seg.nrrd, a NIfTI label map and report.json.
+  batch    a manifest of cases, on Ray (local workers or a cluster), resumable, with summary tables.
+  demo     the CT sample that ships with slicerio, with random weights unless a checkpoint is given.
+
+Index order (voxel indices, --axis, --slice, --box, report): see `medsam2_backend.batch.prompts`; in short I,J,K
+voxel indices, axis i/j/k, slice pixels x = lower and y = higher remaining index. Every bad input is one sentence
+and exit code 2, found before the model loads.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
-import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np  # noqa: E402
-
-from .engine import CT_PRESETS, EngineInputError, Preprocessing, load_engine  # noqa: E402
+from .engine import CT_PRESETS, EngineInputError  # noqa: E402
 from .engine.model import shout  # noqa: E402
 
+EXIT_BAD_INPUT = 2
+INDEX_ORDER = ("Index order: voxel indices are I,J,K (ITK/Slicer order); --axis is i, j or k (0, 1, 2 also mean "
+               "I, J, K); --slice is the index along it; --box x0 y0 x1 y1 is in that slice's pixels, x the lower "
+               "and y the higher remaining index (axis k: x=i, y=j). Default axis: the one closest to "
+               "superior-inferior.")
+SEGMENT_EXAMPLE = """examples:
+  medsam2-segment segment ct.nii.gz --prompts prompts.json -o out --checkpoint MedSAM2_latest.pt
+  medsam2-segment segment ct.nrrd --from-labels truth.seg.nrrd -o out --checkpoint MedSAM2_latest.pt
+  medsam2-segment segment dicom_folder/ --slice 40 --box 100 120 180 200 -o out --checkpoint MedSAM2_latest.pt
+"""
+BATCH_EXAMPLE = """manifest (CSV, paths relative to its folder):
+  id,image,labels
+  case1,images/case1.nii.gz,labels/case1.nii.gz
+example:
+  medsam2-segment batch cohort.csv -o results --checkpoint MedSAM2_latest.pt --workers 2 --threads 1
+"""
+DEMO_EXAMPLE = """example:
+  medsam2-segment demo -o out/demo
+"""
 
-def segment_file(volume_path: str, out_dir: pathlib.Path, *, slice_index: int | None, box: list[float] | None,
-                 axis: int, preprocessing: Preprocessing, checkpoint: str | None, random_weights: bool,
-                 device: str | None, precision: str | None, postprocess: tuple[str, ...]) -> dict:
-    import nrrd
-    import slicerio
 
-    timings = {}
-    t0 = time.perf_counter()
-    volume, header = nrrd.read(volume_path)  # array in I, J, K order
-    if header.get("space") not in (None, "left-posterior-superior"):
-        raise EngineInputError(f"{volume_path} is in space {header['space']!r}; only LPS NRRD files are supported.")
-    timings["read_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    engine = load_engine(checkpoint, device=device, precision=precision, random_weights=random_weights)
-    timings["load_model_s"] = time.perf_counter() - t0
-    session = engine.open_session(volume, spacing=np.linalg.norm(header["space directions"], axis=1), axis=axis,
-                                  preprocessing=preprocessing)
-    k = session.num_slices // 2 if slice_index is None else slice_index
-    if box is None:
-        h, w = session.slice_shape
-        box = [w * 0.3, h * 0.3, w * 0.7, h * 0.7]
-    t0 = time.perf_counter()
-    session.add_prompt(1, k, box=box)
-    timings["prompt_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run = session.propagate(postprocess=postprocess)
-    for i, _ in enumerate(run, 1):
-        print(f"\rpropagating: {i}/{run.planned} slices", end="", file=sys.stderr, flush=True)
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", help="MedSAM2 checkpoint: a file or a known name such as MedSAM2_latest")
+    g.add_argument("--random-weights", action="store_true",
+                   help="a randomly initialised model: tests the pipeline only, masks are meaningless")
+    g.add_argument("--trust-on-first-use", action="store_true",
+                   help="accept a known checkpoint whose hash is not recorded yet (pins it on first download)")
+    g.add_argument("--test-engine", action="store_true", help=argparse.SUPPRESS)  # deterministic disks, no model
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], help="default: the device's fastest exact choice")
+
+
+def _case_options(p: argparse.ArgumentParser) -> None:
+    from .batch.metrics import DEFAULT_NSD_TOLERANCE_MM
+    from .batch.prompts import DEFAULT_BOX_MARGIN_MM
+
+    p.add_argument("-o", "--out", default="out", help="output folder (default: %(default)s)")
+    p.add_argument("--axis", help="axis to propagate along: i, j, k (or 0, 1, 2), axial, sagittal, coronal "
+                                  "(default: the image axis closest to superior-inferior)")
+    p.add_argument("--box-margin-mm", type=float, default=DEFAULT_BOX_MARGIN_MM,
+                   help="a 3D box limits propagation to its slices plus this margin (default: %(default)s mm)")
+    p.add_argument("--label-values", type=int, nargs="+", metavar="V",
+                   help="with labels: segment only these values (default: every non-zero value)")
+    p.add_argument("--per-component", action="store_true",
+                   help="with labels: one object per connected component of each value")
+    p.add_argument("--box-jitter", type=float, default=0.0, metavar="PX",
+                   help="with labels: move each box side by a random whole number of pixels in [-PX, PX] "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the box jitter (default: %(default)s)")
+    p.add_argument("--nsd-tolerance-mm", type=float, default=DEFAULT_NSD_TOLERANCE_MM,
+                   help="tolerance of the normalised surface Dice (default: %(default)s mm)")
+    p.add_argument("--series", help="DICOM folder with several series: the SeriesInstanceUID to use "
+                                    "(default: the series with the most files)")
+    p.add_argument("--preset", choices=sorted(CT_PRESETS), help="CT window (default: MR-style percentiles)")
+    p.add_argument("--largest-component", action="store_true", help="keep each object's largest 3D component")
+    _model_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medsam2-segment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+    seg = sub.add_parser("segment", help="segment one image", formatter_class=fmt,
+                         description="Segment one image and write a .seg.nrrd, a NIfTI label map and report.json "
+                                     "on its exact grid (and a DICOM SEG for a DICOM series). " + INDEX_ORDER,
+                         epilog=SEGMENT_EXAMPLE)
+    seg.add_argument("volume", help="image file (.nii/.nii.gz, .nrrd, .mha/.mhd) or a DICOM series folder")
+    what = seg.add_mutually_exclusive_group()
+    what.add_argument("--prompts", help="prompts file (JSON; schema in the README and `batch.prompts`)")
+    what.add_argument("--from-labels", metavar="LABELS",
+                      help="ground-truth label map: a box per label on its largest slice, then metrics")
+    seg.add_argument("--slice", type=int, help="with --box: the prompted slice (default: the middle one)")
+    seg.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box in slice pixels")
+    _case_options(seg)
+    batch = sub.add_parser("batch", help="segment a cohort from a manifest, on Ray", formatter_class=fmt,
+                           description="Segment every case of a manifest CSV (columns image, prompts or labels, "
+                                       "optional id). Resumable: finished cases with the same inputs and model "
+                                       "are skipped; failed cases are recorded and the run goes on. Writes "
+                                       "OUT/<id>/..., OUT/summary.csv and OUT/cohort_summary.json.",
+                           epilog=BATCH_EXAMPLE)
+    batch.add_argument("manifest", help="CSV with columns image, prompts or labels, optional id")
+    batch.add_argument("--workers", type=int, default=1, help="Ray workers, one model each (default: %(default)s)")
+    batch.add_argument("--threads", type=int, default=1, help="CPU threads per worker (default: %(default)s)")
+    batch.add_argument("--ray-address", help="an existing Ray cluster (e.g. 10.0.0.5:6379; default: local)")
+    batch.add_argument("--no-ray", action="store_true", help="run the cases one after another in this process")
+    _case_options(batch)
+    demo = sub.add_parser("demo", help="the slicerio CT sample, random weights unless --checkpoint",
+                          formatter_class=fmt, epilog=DEMO_EXAMPLE,
+                          description="Segment slicerio's CTChest4 sample from a box on its middle slice.")
+    demo.add_argument("-o", "--out", default="out", help="output folder (default: %(default)s)")
+    demo.add_argument("--slice", type=int, help="prompted slice (default: the middle one)")
+    demo.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box in slice pixels")
+    demo.add_argument("--axis", help="i, j or k (default: the axis closest to superior-inferior)")
+    demo.add_argument("--preset", choices=sorted(CT_PRESETS), help="CT window (default: soft_tissue)")
+    demo.add_argument("--largest-component", action="store_true", help="keep the largest 3D component")
+    _model_options(demo)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"medsam2-segment: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _options(args):
+    from .batch.case import CaseOptions
+
+    return CaseOptions(axis=args.axis, box_margin_mm=getattr(args, "box_margin_mm", 10.0),
+                       label_values=getattr(args, "label_values", None),
+                       per_component=getattr(args, "per_component", False),
+                       box_jitter_px=getattr(args, "box_jitter", 0.0), seed=getattr(args, "seed", 0),
+                       nsd_tolerance_mm=getattr(args, "nsd_tolerance_mm", 2.0),
+                       series_uid=getattr(args, "series", None), preset=args.preset,
+                       postprocess=("largest_component",) if args.largest_component else ())
+
+
+def _model_spec(args):
+    from .batch.cohort import ModelSpec
+
+    chosen = sum(bool(x) for x in (args.checkpoint, args.random_weights, args.test_engine))
+    if chosen != 1:
+        raise EngineInputError("Give a model: --checkpoint PATH_OR_NAME (a MedSAM2 checkpoint), or "
+                               "--random-weights to test the pipeline without one - exactly one of them.")
+    return ModelSpec(checkpoint=args.checkpoint, random_weights=args.random_weights, test_engine=args.test_engine,
+                     device=args.device, precision=args.precision, trust_on_first_use=args.trust_on_first_use)
+
+
+def _segment(args) -> int:
+    from .batch.case import plan_case, run_case
+
+    spec = _model_spec(args)
+    options = _options(args)
+    plan = plan_case(args.volume, prompts_path=getattr(args, "prompts", None),
+                     labels_path=getattr(args, "from_labels", None), slice_index=args.slice, box=args.box,
+                     options=options)
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    engine = spec.build()
+    planned = sum(o.last - o.first + 1 for o in plan.objects)
+    done = [0]
+
+    def on_slice(_done, _planned):
+        done[0] += 1
+        print(f"\rpropagating: {done[0]}/{planned} slices", end="", file=sys.stderr, flush=True)
+
+    report = run_case(engine, plan, pathlib.Path(args.out), options, on_slice=on_slice)
     print(file=sys.stderr)
-    timings["propagate_s"] = time.perf_counter() - t0
-    timings["per_slice_s"] = timings["propagate_s"] / max(1, run.summary.slices_done)
+    for obj in report["objects"]:
+        m = obj.get("metrics")
+        scores = (f"  Dice {m['dice']:.3f}  NSD {m['nsd']:.3f}  HD95 "
+                  f"{'-' if m['hd95_mm'] is None else format(m['hd95_mm'], '.1f') + ' mm'}") if m else ""
+        print(f"{obj['name']}: {obj['voxels']} voxels{scores}")
+    for kind, path in report["outputs"].items():
+        print(f"{kind}: {path}")
+    print(f"report: {pathlib.Path(args.out) / 'report.json'}")
+    if report["model"].get("random_weights"):
+        shout("These masks come from RANDOM WEIGHTS, not MedSAM2. Give --checkpoint for real results.")
+    return 0
 
-    mask = session.object_mask(1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = np.asarray(header["space directions"]).T
-    ijk_to_lps[:3, 3] = header["space origin"]
-    seg = slicerio.create_segmentation(mask.shape, ijk_to_lps)
-    name = "MedSAM2 (random weights)" if engine.model.random_weights else "MedSAM2"
-    slicerio.add_segment(seg, mask, {"id": "Segment_1", "name": name})
-    seg_path = out_dir / (pathlib.Path(volume_path).name.split(".")[0] + ".seg.nrrd")
-    slicerio.write_segmentation(str(seg_path), seg)
-    report = {"segmentation": str(seg_path), "prompt": {"slice": k, "axis": axis, "box": [float(x) for x in box]},
-              "voxels": int(mask.sum()), "slices_with_mask": int(mask.any(axis=tuple(i for i in range(3) if i != axis)
-                                                                           ).sum()),
-              "least_certain": run.summary.least_certain.get(1, []), "timings": timings,
-              "model": engine.describe()}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    return report
+
+def _batch(args) -> int:
+    from .batch.cohort import read_manifest, run_cohort
+
+    spec = _model_spec(args)
+    if args.workers < 1 or args.threads < 1:
+        return _fail("--workers and --threads must be at least 1.")
+    cases = read_manifest(args.manifest)
+    os.environ["TQDM_DISABLE"] = "0" if sys.stderr.isatty() else "1"
+    summary = run_cohort(cases, pathlib.Path(args.out), _options(args), spec, workers=args.workers,
+                         threads=args.threads, ray_address=args.ray_address, use_ray=not args.no_ray,
+                         progress=sys.stderr.isatty())
+    print(f"{summary['ok']} done, {summary['skipped']} skipped (already done), {len(summary['failed'])} failed "
+          f"of {summary['cases']} cases in {summary['timings']['total_s']:.1f} s")
+    for m, s in summary["metrics"].items():
+        print(f"{m}: mean {s['mean']:.3f}, median {s['median']:.3f} (n={s['n']})")
+    for row in summary["worst_first"][:5]:
+        print(f"worst: {row['id']} / {row['object']} dice={row['dice']}")
+    for f in summary["failed"]:
+        print(f"failed: {f['id']}: {f['message']}", file=sys.stderr)
+    print(f"summary: {summary['summary_csv']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medsam2-segment", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("segment", "demo"):
-        p = sub.add_parser(name)
-        if name == "segment":
-            p.add_argument("volume", help="a .nrrd volume (LPS)")
-        p.add_argument("--out", default="out", help="output folder")
-        p.add_argument("--checkpoint", help="MedSAM2 checkpoint file or known name (e.g. MedSAM2_latest)")
-        p.add_argument("--random-weights", action="store_true", help="test the pipeline without a checkpoint")
-        p.add_argument("--slice", type=int, help="prompted slice (default: the middle one)")
-        p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box in slice pixels")
-        p.add_argument("--axis", type=int, default=2, help="array axis to propagate along (NRRD order I,J,K)")
-        p.add_argument("--preset", choices=sorted(CT_PRESETS), help="CT window (default: MR percentiles)")
-        p.add_argument("--device")
-        p.add_argument("--precision", choices=["fp32", "bf16"])
-        p.add_argument("--largest-component", action="store_true", help="keep the largest 3D component")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         import slicerio
 
         args.volume = slicerio.get_testdata_file("CTChest4.nrrd")
         args.preset = args.preset or "soft_tissue"
-        args.random_weights = args.random_weights or not args.checkpoint
+        args.random_weights = args.random_weights or not (args.checkpoint or args.test_engine)
     try:
-        report = segment_file(
-            args.volume, pathlib.Path(args.out), slice_index=args.slice, box=args.box, axis=args.axis,
-            preprocessing=Preprocessing(preset=args.preset), checkpoint=args.checkpoint,
-            random_weights=args.random_weights, device=args.device, precision=args.precision,
-            postprocess=("largest_component",) if args.largest_component else ())
-    except (EngineInputError, OSError) as e:
-        print(f"medsam2-segment: {e}", file=sys.stderr)
-        return 2
-    t = report["timings"]
-    print(f"Segmentation: {report['segmentation']} ({report['voxels']} voxels on {report['slices_with_mask']} slices)")
-    print(f"Report:       {pathlib.Path(report['segmentation']).parent / 'report.json'}")
-    print("Timings:      " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in t.items()))
-    if report["model"]["random_weights"]:
-        shout("These masks come from RANDOM WEIGHTS, not MedSAM2. Give --checkpoint for real results.")
-    return 0
+        from medsam2_client.geometry import GeometryError
+
+        from .batch import case, cohort  # noqa: F401 - SimpleITK, monai and Ray come with the extra
+        from .batch.errors import CaseInputError
+    except ImportError as e:
+        return _fail(f"the batch tools need the [batch] extra (pip install 'medsam2-slicer-backend[batch]'): {e}.")
+    try:
+        return _batch(args) if args.command == "batch" else _segment(args)
+    except (CaseInputError, EngineInputError, GeometryError) as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"{e.filename or ''} {e.strerror or e}".strip() + ".")
 
 
 if __name__ == "__main__":

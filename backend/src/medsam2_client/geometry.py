@@ -147,3 +147,77 @@ def slice_extent_ijk(axis: int, first: int, last: int, shape_kji: tuple[int, int
     bounds_kji[axis] = [first, last]
     k, j, i = bounds_kji
     return [*i, *j, *k]
+
+
+# ---- files (LPS) and the command line ---------------------------------------------------------------------------
+# Files, ITK and SimpleITK are LPS, Slicer and prompts files are RAS: the two differ by the sign of x and y.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
+
+
+def lps_points_to_ras(points_lps: np.ndarray) -> np.ndarray:
+    """(N,3) LPS points -> (N,3) RAS points (also RAS -> LPS: the map is its own inverse)."""
+    return np.atleast_2d(np.asarray(points_lps, float)) * LPS_TO_RAS.diagonal()[:3]
+
+
+def ijk_to_lps_from_image(direction, spacing, origin) -> np.ndarray:
+    """A 4x4 IJK->LPS matrix from an ITK image's direction (3x3, row-major or flat 9), spacing (I,J,K) and origin."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.asarray(direction, float).reshape(3, 3) * np.asarray(spacing, float)
+    matrix[:3, 3] = np.asarray(origin, float)
+    return matrix
+
+
+def ijk_to_ras_from_image(direction, spacing, origin) -> np.ndarray:
+    """A 4x4 IJK->RAS matrix from an ITK (LPS) image's direction, spacing (I,J,K) and origin."""
+    return LPS_TO_RAS @ ijk_to_lps_from_image(direction, spacing, origin)
+
+
+def superior_axis(ijk_to_ras: np.ndarray) -> int:
+    """The K,J,I array axis closest to superior-inferior (the axis an axial view pages through)."""
+    return choose_propagation_axis(ijk_to_ras, view_slice_to_ras("axial")).axis
+
+
+def axis_spacing(ijk_to_ras: np.ndarray, axis: int) -> float:
+    """The distance in mm between two slices along K,J,I array axis `axis`."""
+    return float(np.linalg.norm(np.asarray(ijk_to_ras, float)[:3, 2 - axis]))
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxPrompt:
+    """A box on one slice, and the slices propagation may reach (a 3D box limits them; a 2D box does not)."""
+
+    slice_index: int
+    box: np.ndarray  # x0, y0, x1, y1 in slice pixels
+    first: int
+    last: int
+
+
+def box_prompt_from_corners(corners_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: int,
+                            shape_kji: tuple[int, int, int], margin_mm: float) -> BoxPrompt:
+    """Two opposite box corners in RAS -> a box prompt along K,J,I array axis `axis`.
+
+    Corners on one slice are a 2D box: propagation is unlimited. Corners on different slices are a 3D box (a RECIST
+    lesion box, an ROI): the key slice is its centre, the 2D box its outline there, and propagation stops
+    `margin_mm` beyond the box's first and last slices.
+    """
+    kji = ras_to_ijk(corners_ras, ijk_to_ras)[:, ::-1]
+    depth = np.floor(kji[:, axis] + 0.5).astype(int)
+    n = shape_kji[axis]
+    if depth.max() < 0 or depth.min() > n - 1:
+        raise GeometryError(f"The box lies outside the image (slices {depth.min()}..{depth.max()} of 0..{n - 1} "
+                            "along the propagation axis).")
+    centre = np.clip(kji[:, axis].mean(), 0, n - 1)
+    key = int(np.floor(centre + 0.5))
+    rows, cols = slice_plane_axes(axis)
+    xy = np.c_[kji[:, cols], kji[:, rows]]
+    upper = _slice_upper(axis, shape_kji)
+    low, high = xy.min(axis=0), xy.max(axis=0)
+    if (high < -0.5).any() or (low > upper + 0.5).any():
+        raise GeometryError("The box lies outside the image on its slice; draw it on the image.")
+    low, high = np.clip(low, 0.0, upper), np.clip(high, 0.0, upper)
+    if depth.min() == depth.max():
+        first, last = 0, n - 1
+    else:
+        extra = int(np.ceil(max(0.0, margin_mm) / axis_spacing(ijk_to_ras, axis) - 1e-9))
+        first, last = max(0, int(depth.min()) - extra), min(n - 1, int(depth.max()) + extra)
+    return BoxPrompt(key, np.array([low[0], low[1], high[0], high[1]]), first, last)

@@ -1,0 +1,1 @@
+"""Headless segmentation of files and cohorts (the `[batch]` extra: SimpleITK, monai, Ray, highdicom)."""

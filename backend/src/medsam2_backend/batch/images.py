@@ -1,0 +1,165 @@
+"""Medical images in, through SimpleITK: NIfTI, NRRD, MHA/MHD and DICOM series folders, with their full geometry.
+
+Arrays are K,J,I (SimpleITK's `GetArrayFromImage` order, the one `medsam2_client.geometry` names); `ijk_to_ras`
+is built from the file's direction, spacing and origin (LPS) by the geometry module. Everything that can be wrong
+with a file is found here, before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+import SimpleITK as sitk
+
+from medsam2_client import geometry
+
+from .errors import CaseInputError
+
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+
+
+@dataclasses.dataclass
+class Image:
+    """A 3D scalar image: voxels in K,J,I order and the ITK image that carries its grid."""
+
+    array: np.ndarray
+    itk: sitk.Image
+    source: str
+    dicom_files: list[str] | None = None  # the series' files in slice (K) order, for a DICOM input
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        return geometry.ijk_to_ras_from_image(self.itk.GetDirection(), self.itk.GetSpacing(), self.itk.GetOrigin())
+
+    @property
+    def ijk_to_lps(self) -> np.ndarray:
+        return geometry.ijk_to_lps_from_image(self.itk.GetDirection(), self.itk.GetSpacing(), self.itk.GetOrigin())
+
+    @property
+    def spacing_kji(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in self.itk.GetSpacing()[::-1])
+
+    @property
+    def shape_kji(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.array.shape)
+
+
+def dicom_series(folder: pathlib.Path) -> dict[str, list[str]]:
+    """Series instance UID -> its files sorted by slice position (GDCM), for every series in `folder`."""
+    reader = sitk.ImageSeriesReader()
+    return {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in
+            reader.GetGDCMSeriesIDs(str(folder))}
+
+
+def _read_dicom_folder(folder: pathlib.Path, series_uid: str | None) -> tuple[sitk.Image, list[str], list[str]]:
+    """The chosen series of a DICOM folder. Rule: the series named by `series_uid`, else the one with the most
+    files (a note lists the others)."""
+    series = dicom_series(folder)
+    if not series:
+        raise CaseInputError(f"{folder} is a folder without a DICOM series in it.")
+    listing = "; ".join(f"{uid} ({len(files)} files)" for uid, files in series.items())
+    notes = []
+    if series_uid is not None:
+        if series_uid not in series:
+            raise CaseInputError(f"{folder} has no series {series_uid}; it has: {listing}.")
+        uid = series_uid
+    else:
+        uid = max(series, key=lambda u: len(series[u]))
+        if len(series) > 1:
+            notes.append(f"{folder} holds {len(series)} series ({listing}); using the largest, {uid} "
+                         "(choose another with --series).")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(series[uid])
+    try:
+        return reader.Execute(), series[uid], notes
+    except RuntimeError as e:
+        raise CaseInputError(f"DICOM series {uid} in {folder} could not be read ({_first_line(e)}).") from None
+
+
+def _check_nrrd_header(path: pathlib.Path) -> None:
+    """A NRRD without space fields has no place in the patient; ITK would silently assume an identity grid."""
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+    except (nrrd.NRRDError, OSError, UnicodeDecodeError, ValueError) as e:
+        raise CaseInputError(f"{path} is not a readable NRRD file ({_first_line(e)}).") from None
+    if "space directions" not in header or not ("space" in header or "space origin" in header):
+        raise CaseInputError(f"{path} has no space fields (space, space directions, space origin), so where its "
+                             "voxels lie in the patient is unknown; add them (Slicer writes them) and retry.")
+
+
+def read_itk(path: str | pathlib.Path, series_uid: str | None = None) -> tuple[sitk.Image, list[str] | None,
+                                                                                 list[str]]:
+    """Read any supported file or DICOM folder as an ITK image, or raise CaseInputError with the reason."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise CaseInputError(f"{path} does not exist.")
+    if path.is_dir():
+        return _read_dicom_folder(path, series_uid)
+    if path.stat().st_size == 0:
+        raise CaseInputError(f"{path} is an empty file.")
+    if path.name.lower().endswith(NRRD_SUFFIXES):
+        _check_nrrd_header(path)
+    try:
+        return sitk.ReadImage(str(path)), None, []
+    except RuntimeError as e:
+        raise CaseInputError(f"{path} could not be read as a medical image ({_first_line(e)}).") from None
+
+
+def read_image(path: str | pathlib.Path, series_uid: str | None = None) -> Image:
+    """A 3D scalar image ready for segmentation."""
+    itk, files, notes = read_itk(path, series_uid)
+    _check_3d_scalar(itk, path, "image")
+    array = sitk.GetArrayFromImage(itk)
+    if not np.issubdtype(array.dtype, np.number) or array.dtype == np.complex64:
+        raise CaseInputError(f"{path} has voxels of type {array.dtype}; use an integer or float image.")
+    return Image(array, itk, str(path), files, notes)
+
+
+def _check_3d_scalar(itk: sitk.Image, path, what: str) -> None:
+    size = itk.GetSize()
+    if itk.GetDimension() != 3:
+        raise CaseInputError(f"The {what} {path} is {itk.GetDimension()}D {tuple(size)}; a 3D volume is needed.")
+    if itk.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseInputError(f"The {what} {path} has {itk.GetNumberOfComponentsPerPixel()} values per voxel "
+                             "(colour or vector); a single-channel volume is needed.")
+    if min(size) < 2:
+        raise CaseInputError(f"The {what} {path} has a single slice {tuple(size)}; a 3D volume is needed.")
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
+
+
+def label_on_image_grid(labels: sitk.Image, image: Image, source: str) -> np.ndarray:
+    """A label map's values on the image's grid (K,J,I), resampled with nearest neighbour when its grid differs.
+
+    A label map that does not overlap the image, or whose labels all fall outside it, cannot be used.
+    """
+    _check_3d_scalar(labels, source, "label map")
+    if labels.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        values = sitk.GetArrayViewFromImage(labels)
+        if not np.array_equal(values, np.round(values)):
+            raise CaseInputError(f"The label map {source} has fractional values; threshold it to whole labels first.")
+        labels = sitk.Cast(labels, sitk.sitkInt32)
+    if same_grid(labels, image.itk):
+        return sitk.GetArrayFromImage(labels)
+    original = sitk.GetArrayViewFromImage(labels)
+    resampled = sitk.GetArrayFromImage(sitk.Resample(labels, image.itk, sitk.Transform(), sitk.sitkNearestNeighbor,
+                                                     0, labels.GetPixelID()))
+    if original.any() and not resampled.any():
+        raise CaseInputError(f"The label map {source} lies outside the image {image.source}: no label voxel falls "
+                             "on the image's grid, so it cannot be resampled onto it.")
+    return resampled
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    return text[:200].rstrip(".")
