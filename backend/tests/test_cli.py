@@ -1,4 +1,5 @@
-"""The command line: a NRRD in, a .seg.nrrd with the same geometry out; bad input is one sentence, no traceback."""
+"""The command line with SAM-2 (random weights): a NRRD in, a .seg.nrrd on the same grid out; bad input is one
+sentence, no traceback. Every format and prompt kind is tested with the test engine in test_batch_formats."""
 
 import json
 
@@ -24,8 +25,9 @@ def test_segment_writes_seg_nrrd_on_the_volume_grid(tmp_path, capsys):
     np.testing.assert_allclose(seg["ijkToLPS"][:3, 3], [10, 20, -30])
     assert seg["segments"][0]["name"] == "MedSAM2 (random weights)"
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["prompt"] == {"slice": 1, "axis": 2, "box": [5, 5, 30, 25]}
-    assert report["voxels"] == int((seg["voxels"] > 0).sum())
+    obj = report["objects"][0]
+    assert obj["axis"] == "k" and obj["steps"] == [{"slice_index": 1, "box": [5, 5, 30, 25]}]
+    assert obj["voxels"] == int((seg["voxels"] > 0).sum())
     assert "RANDOM WEIGHTS" in capsys.readouterr().err
 
 
@@ -39,4 +41,4 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
     assert main(["segment", str(tmp_path / "v.nrrd"), "--random-weights", "--box", "5", "5", "2", "2"]) == 2
     assert "reversed" in capsys.readouterr().err
     assert main(["segment", str(tmp_path / "v.nrrd")]) == 2
-    assert "random weights" in capsys.readouterr().err
+    assert "--random-weights" in capsys.readouterr().err

@@ -164,12 +164,15 @@ def run_case(engine, plan: CasePlan, out_dir: pathlib.Path, options: CaseOptions
 
 def _write_outputs(plan: CasePlan, out_dir: pathlib.Path, masks, engine) -> dict:
     stem = case_stem(plan.image.source)
+    objects = plan.objects
+    if engine.describe().get("random_weights"):  # nobody opens these in Slicer and takes them for MedSAM2's
+        objects = [dataclasses.replace(o, name=f"{o.name} (random weights)") for o in objects]
     files = {"seg_nrrd": out_dir / f"{stem}.seg.nrrd", "label_map": out_dir / f"{stem}_labels.nii.gz"}
-    outputs.write_seg_nrrd(files["seg_nrrd"], plan.image, plan.objects, masks)
-    outputs.write_label_image(files["label_map"], plan.image, outputs.label_map(plan.objects, masks))
+    outputs.write_seg_nrrd(files["seg_nrrd"], plan.image, objects, masks)
+    outputs.write_label_image(files["label_map"], plan.image, outputs.label_map(objects, masks))
     if plan.image.dicom_files:
         files["dicom_seg"] = out_dir / f"{stem}_seg.dcm"
-        outputs.write_dicom_seg(files["dicom_seg"], plan.image, plan.objects, masks,
+        outputs.write_dicom_seg(files["dicom_seg"], plan.image, objects, masks,
                                 str(engine.describe().get("checkpoint")))
     return {k: str(v) for k, v in files.items()}
 
