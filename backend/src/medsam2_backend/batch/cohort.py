@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -202,8 +203,12 @@ def run_cohort(cases: list[Case], out_root: pathlib.Path, options: CaseOptions, 
 
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False,
-                     **({} if ray_address else {"num_cpus": workers * threads}))
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # medical cohorts: nothing leaves the machine
+            if ray_address:
+                ray.init(address=ray_address, log_to_driver=False)
+            else:  # a private Ray on this machine: loopback only, no dashboard, as many CPUs as workers use
+                ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1")
         try:
             actors, resources = start_workers(spec, workers, threads)
             timings["ray_start_s"] = time.perf_counter() - t0
