@@ -7,6 +7,7 @@ and anisotropic grids, after writing and re-reading every format.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -384,3 +385,27 @@ def test_help_shows_defaults_and_an_example(command, capsys):
     assert "--test-engine" not in out
     if command != "demo":
         assert "default: 2.0 mm" in out and "closest to superior-inferior" in out
+
+
+def test_dicom_folder_with_two_series_says_so_and_takes_the_option(tmp_path, capsys):
+    import pydicom
+
+    ct = sitk.Cast(sitk.ReadImage(slicerio.get_testdata_file("CTChest4.nrrd")), sitk.sitkInt16)
+    write_dicom_series(ct[:, :, :12], tmp_path / "a")
+    write_dicom_series(ct[:, :, 20:26], tmp_path / "b")
+    folder = tmp_path / "both"
+    shutil.copytree(tmp_path / "a", folder)
+    for f in (tmp_path / "b").iterdir():
+        shutil.copy(f, folder / f"b_{f.name}")
+    small = pydicom.dcmread(str(tmp_path / "b" / "slice000.dcm")).SeriesInstanceUID
+    assert main(["segment", str(folder), "--test-engine", "-o", str(tmp_path / "o1")]) == 0
+    err = capsys.readouterr().err
+    assert "holds 2 series" in err and small in err and "--series" in err
+    assert json.loads((tmp_path / "o1" / "report.json").read_text())["image"]["size_ijk"] == [128, 128, 12]
+    assert main(["segment", str(folder), "--test-engine", "--series", small, "-o", str(tmp_path / "o2")]) == 0
+    assert json.loads((tmp_path / "o2" / "report.json").read_text())["image"]["size_ijk"] == [128, 128, 6]
+    assert main(["segment", str(folder), "--test-engine", "--series", "1.2.3"]) == 2
+    assert "has no series 1.2.3" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["segment", str(tmp_path / "empty"), "--test-engine"]) == 2
+    assert "without a DICOM series" in capsys.readouterr().err

@@ -47,6 +47,7 @@ class CasePlan:
     objects: list[prompts.ObjectPrompt]
     inputs: dict  # what the case was made from, as given
     notes: list[str]
+    read_s: float = 0.0  # reading and checking the inputs
 
 
 def plan_case(image_path, *, prompts_path=None, labels_path=None, slice_index: int | None = None,
@@ -54,6 +55,7 @@ def plan_case(image_path, *, prompts_path=None, labels_path=None, slice_index: i
     """Read and check one case. Exactly one of prompts_path, labels_path or (slice_index and/or box) is used;
     with none of them, a box over the middle 40 % of the middle slice is tried (a pipeline check, as `demo` does)."""
     options = options or CaseOptions()
+    t0 = time.perf_counter()
     if sum(x is not None for x in (prompts_path, labels_path)) + (slice_index is not None or box is not None) > 1:
         raise CaseInputError("Give one kind of prompt: a prompts file, a label map, or --slice/--box.")
     image = images.read_image(image_path, options.series_uid)
@@ -76,7 +78,7 @@ def plan_case(image_path, *, prompts_path=None, labels_path=None, slice_index: i
         b = [w * 0.3, h * 0.3, w * 0.7, h * 0.7] if box is None else [float(v) for v in box]
         objects = [prompts.ObjectPrompt(1, "MedSAM2", axis, [prompts.SliceStep(k, box=b)], 0, shape[axis] - 1)]
     _dry_run(image, objects)
-    return CasePlan(image, objects, inputs, list(image.notes))
+    return CasePlan(image, objects, inputs, list(image.notes), time.perf_counter() - t0)
 
 
 def _objects_from_label_file(path, image: images.Image, axis: int, options: CaseOptions):
@@ -157,7 +159,8 @@ def run_case(engine, plan: CasePlan, out_dir: pathlib.Path, options: CaseOptions
                         "origin_lps": list(image.itk.GetOrigin()), "direction": list(image.itk.GetDirection())},
               "index_order": "voxel indices I,J,K; axis i/j/k; slice pixels x = lower, y = higher remaining index",
               "model": engine.describe(), "objects": per_object, "outputs": files,
-              "timings": {"write_s": time.perf_counter() - t0, "case_s": time.perf_counter() - t_start}}
+              "timings": {"read_s": plan.read_s, "segment_s": t0 - t_start, "write_s": time.perf_counter() - t0,
+                          "case_s": plan.read_s + time.perf_counter() - t_start}}
     write_json_atomically(out_dir / "report.json", report)
     return report
 

@@ -207,7 +207,7 @@ def run_cohort(cases: list[Case], out_root: pathlib.Path, options: CaseOptions, 
             if ray_address:
                 ray.init(address=ray_address, log_to_driver=False)
             else:  # a private Ray on this machine: loopback only, no dashboard, as many CPUs as workers use
-                ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False,
+                ray.init(address="local", num_cpus=workers * threads, include_dashboard=False, log_to_driver=False,
                          _node_ip_address="127.0.0.1")
         try:
             actors, resources = start_workers(spec, workers, threads)
