@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 SAM2_VERSION := 1.1.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-batch clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: setup
 bench: setup
 	$(PY) backend/bench/bench.py $(if $(FULL),--full,)
 	$(PY) backend/bench/bench_server.py
+
+# Cohort throughput: Ray with 1 and 2 workers against the single-process loop with 1 and 2 threads.
+bench-batch: setup
+	$(PY) backend/bench/bench_batch.py
 
 clean:
 	rm -rf $(VENV) out

@@ -185,7 +185,9 @@ def start_workers(spec: ModelSpec, workers: int, threads: int):
 
     resources = worker_resources(threads, ray.cluster_resources().get("GPU", 0))
     worker = _ray_worker_class()
-    return [worker.options(**resources).remote(spec, threads) for _ in range(workers)], resources
+    actors = [worker.options(**resources).remote(spec, threads) for _ in range(workers)]
+    ray.get([a.gpu_ids.remote() for a in actors])  # every worker has its model: start-up ends here
+    return actors, resources
 
 
 def run_cohort(cases: list[Case], out_root: pathlib.Path, options: CaseOptions, spec: ModelSpec, *,
