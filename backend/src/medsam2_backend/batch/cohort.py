@@ -116,7 +116,7 @@ def resume_key(case: Case, options: CaseOptions, model: dict) -> str:
     return digest.hexdigest()
 
 
-def process_case(engine, case: Case, out_root: pathlib.Path, options: CaseOptions) -> dict:
+def process_case(engine, case: Case, out_root: pathlib.Path, options: CaseOptions, on_slice=None) -> dict:
     """Run (or skip) one case; never raises for a bad case: the failure is its result."""
     t0 = time.perf_counter()
     out_dir = out_root / case.id
@@ -135,7 +135,7 @@ def process_case(engine, case: Case, out_root: pathlib.Path, options: CaseOption
         if not case.prompts and not case.labels:
             raise CaseInputError("The case has neither prompts nor labels.")
         plan = plan_case(case.image, prompts_path=case.prompts, labels_path=case.labels, options=options)
-        report = run_case(engine, plan, out_dir, options)
+        report = run_case(engine, plan, out_dir, options, on_slice=on_slice)
         report["resume_key"] = key
         report["id"] = case.id
         write_json_atomically(previous, report)
@@ -231,8 +231,10 @@ def run_cohort(cases: list[Case], out_root: pathlib.Path, options: CaseOptions, 
         engine = spec.build()
         timings["model_load_s"] = time.perf_counter() - t0
         for case in cases:
-            bar.set_postfix_str(case.id)
-            results.append(process_case(engine, case, out_root, options))
+            def on_slice(done, planned, case_id=case.id):  # slices of the running object
+                bar.set_postfix_str(f"{case_id}: slice {done}/{planned}")
+
+            results.append(process_case(engine, case, out_root, options, on_slice=on_slice))
             bar.update()
     bar.close()
     timings["total_s"] = time.perf_counter() - t0
