@@ -213,3 +213,15 @@ def test_ray_cohort_with_random_sam2_weights(tmp_path):
     np.testing.assert_allclose(labels.GetOrigin(), ct[:, :, 14:20].GetOrigin(), atol=1e-4)
     names = [s["name"] for s in slicerio.read_segmentation(report["outputs"]["seg_nrrd"])["segments"]]
     assert names == ["label 5 (random weights)"]
+
+
+def test_a_worker_that_cannot_start_is_one_sentence(cohort_folder, tmp_path, capsys):
+    """A model that fails inside the Ray worker ends the run with a sentence, not a Ray traceback."""
+    from medsam2_backend.batch.errors import CohortError
+
+    cases = cohort.read_manifest(cohort_folder)
+    with pytest.raises(CohortError, match="A Ray worker could not start.*Unknown device 'nonsense'"):
+        cohort.run_cohort(cases, tmp_path / "out", cohort.CaseOptions(),
+                          cohort.ModelSpec(random_weights=True, device="nonsense"), progress=False)
+    assert main(["batch", str(cohort_folder), "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "neither a file nor a known name" in capsys.readouterr().err

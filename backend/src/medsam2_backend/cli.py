@@ -147,6 +147,12 @@ def _model_spec(args):
     if chosen != 1:
         raise EngineInputError("Give a model: --checkpoint PATH_OR_NAME (a MedSAM2 checkpoint), or "
                                "--random-weights to test the pipeline without one - exactly one of them.")
+    if args.checkpoint:
+        from .engine.checkpoints import KNOWN_CHECKPOINTS
+
+        if not pathlib.Path(args.checkpoint).is_file() and args.checkpoint not in KNOWN_CHECKPOINTS:
+            raise EngineInputError(f"The checkpoint {args.checkpoint} is neither a file nor a known name "
+                                   f"({', '.join(KNOWN_CHECKPOINTS)}).")
     return ModelSpec(checkpoint=args.checkpoint, random_weights=args.random_weights, test_engine=args.test_engine,
                      device=args.device, precision=args.precision, trust_on_first_use=args.trust_on_first_use)
 
@@ -219,13 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         from medsam2_client.geometry import GeometryError
 
         from .batch import case, cohort  # noqa: F401 - SimpleITK, monai and Ray come with the extra
-        from .batch.errors import CaseInputError
+        from .batch.errors import CaseInputError, CohortError
     except ImportError as e:
         return _fail(f"the batch tools need the [batch] extra (pip install 'medsam2-slicer-backend[batch]'): {e}.")
     try:
         return _batch(args) if args.command == "batch" else _segment(args)
     except (CaseInputError, EngineInputError, GeometryError) as e:
         return _fail(str(e))
+    except CohortError as e:
+        print(f"medsam2-segment: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         return _fail(f"{e.filename or ''} {e.strerror or e}".strip() + ".")
 

@@ -21,7 +21,7 @@ import traceback
 
 from ..engine import EngineInputError
 from .case import CaseOptions, case_stem, plan_case, run_case, write_json_atomically
-from .errors import CaseInputError
+from .errors import CaseInputError, CohortError
 
 METRICS = ("dice", "nsd", "hd95_mm")
 SUMMARY_COLUMNS = ("id", "status", "object", "label", "dice", "nsd", "hd95_mm", "voxels", "seconds",
@@ -207,17 +207,25 @@ def run_cohort(cases: list[Case], out_root: pathlib.Path, options: CaseOptions, 
         if started_here:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # medical cohorts: nothing leaves the machine
             if ray_address:
-                ray.init(address=ray_address, log_to_driver=False)
+                try:
+                    ray.init(address=ray_address, log_to_driver=False)
+                except (ConnectionError, RuntimeError, ValueError) as e:
+                    raise CohortError(f"No Ray cluster could be reached at {ray_address} ({e}).") from None
             else:  # a private Ray on this machine: loopback only, no dashboard, as many CPUs as workers use
                 ray.init(address="local", num_cpus=workers * threads, include_dashboard=False, log_to_driver=False,
                          _node_ip_address="127.0.0.1")
         try:
-            actors, resources = start_workers(spec, workers, threads)
-            timings["ray_start_s"] = time.perf_counter() - t0
-            pool = ray.util.ActorPool(actors)
-            for result in pool.map_unordered(lambda a, c: a.run.remote(c, str(out_root), options), cases):
-                results.append(result)
-                bar.update()
+            try:
+                actors, resources = start_workers(spec, workers, threads)
+                timings["ray_start_s"] = time.perf_counter() - t0
+                pool = ray.util.ActorPool(actors)
+                for result in pool.map_unordered(lambda a, c: a.run.remote(c, str(out_root), options), cases):
+                    results.append(result)
+                    bar.update()
+            except ray.exceptions.RayError as e:
+                cause = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+                raise CohortError(f"A Ray worker could not start or stopped ({cause[0].strip()[:200]}); the "
+                                  f"{len(results)} finished cases are kept, run the command again to resume.") from None
             for a in actors:
                 ray.kill(a)
         finally:

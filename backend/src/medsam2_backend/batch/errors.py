@@ -3,3 +3,7 @@
 
 class CaseInputError(ValueError):
     """An image, prompts file, label map or option that cannot be used; the message is one sentence."""
+
+
+class CohortError(RuntimeError):
+    """The cohort itself could not go on (no Ray cluster at the address, a worker process died)."""
