@@ -183,7 +183,7 @@ def test_killed_run_resumes_without_redoing_finished_cases(tmp_path):
     run.kill()
     run.wait()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/report.json")}
-    assert finished, "no case finished before the kill"
+    assert 0 < len(finished) < 6, "the kill should land between the first and the last case"
     assert subprocess.run(command, capture_output=True).returncode == 0
     summary = json.loads((out / "cohort_summary.json").read_text())
     assert summary["skipped"] == len(finished) and summary["ok"] == 6 - len(finished)

@@ -129,14 +129,13 @@ def _fail(message: str) -> int:
 
 
 def _options(args):
+    """Case options from the arguments; `demo` has fewer of them and takes the defaults for the rest."""
     from .batch.case import CaseOptions
 
-    return CaseOptions(axis=args.axis, box_margin_mm=getattr(args, "box_margin_mm", 10.0),
-                       label_values=getattr(args, "label_values", None),
-                       per_component=getattr(args, "per_component", False),
-                       box_jitter_px=getattr(args, "box_jitter", 0.0), seed=getattr(args, "seed", 0),
-                       nsd_tolerance_mm=getattr(args, "nsd_tolerance_mm", 2.0),
-                       series_uid=getattr(args, "series", None), preset=args.preset,
+    given = {"axis": "axis", "box_margin_mm": "box_margin_mm", "label_values": "label_values",
+             "per_component": "per_component", "box_jitter_px": "box_jitter", "seed": "seed",
+             "nsd_tolerance_mm": "nsd_tolerance_mm", "series_uid": "series", "preset": "preset"}
+    return CaseOptions(**{field: getattr(args, name) for field, name in given.items() if hasattr(args, name)},
                        postprocess=("largest_component",) if args.largest_component else ())
 
 
@@ -197,7 +196,6 @@ def _batch(args) -> int:
     if args.workers < 1 or args.threads < 1:
         return _fail("--workers and --threads must be at least 1.")
     cases = read_manifest(args.manifest)
-    os.environ["TQDM_DISABLE"] = "0" if sys.stderr.isatty() else "1"
     summary = run_cohort(cases, pathlib.Path(args.out), _options(args), spec, workers=args.workers,
                          threads=args.threads, ray_address=args.ray_address, use_ray=not args.no_ray,
                          progress=sys.stderr.isatty())
