@@ -139,6 +139,7 @@ def process_case(engine, case: Case, out_root: pathlib.Path, options: CaseOption
         report["resume_key"] = key
         report["id"] = case.id
         write_json_atomically(previous, report)
+        (out_dir / "failed.json").unlink(missing_ok=True)  # an earlier failure of this case is history now
         return {"id": case.id, "status": "ok", "report": report}
     except (CaseInputError, EngineInputError) as e:
         message, detail = str(e), None
