@@ -11,12 +11,12 @@ setup: $(STAMP)
 
 # sam2's sdist lists torchvision and a build-time torch; SAM-2's video path needs neither, so it is installed
 # without dependencies and without the CUDA extension (see README: on a GPU host a normal install works).
+# nilearn is installed for its data files only (the MNI152 T1 and grey/white matter maps the batch tests use).
 $(STAMP): requirements-dev.txt backend/pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check -r requirements-dev.txt
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --disable-pip-version-check --no-build-isolation --no-deps sam2==$(SAM2_VERSION)
 	$(PIP) install -q --disable-pip-version-check --no-deps -e backend
-	# Test data only (MNI152 T1 + grey/white matter maps): nilearn's own dependencies are not needed.
 	$(PIP) install -q --disable-pip-version-check --no-deps nilearn==0.14.1
 	touch $(STAMP)
 
