@@ -225,7 +225,8 @@ def test_dicom_series_from_ctchest4_gives_dicom_seg_and_grid(tmp_path):
     source = pydicom.dcmread(str(tmp_path / "dicom" / "slice000.dcm"))
     assert dcm.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
     frames = np.asarray(dcm.pixel_array, bool).reshape(-1, *expected.shape[1:])
-    positions = [float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in dcm.PerFrameFunctionalGroupsSequence]
+    positions = [float(f.PlanePositionSequence[0].ImagePositionPatient[2])
+                 for f in dcm.PerFrameFunctionalGroupsSequence]
     k_of = {round(ct.TransformIndexToPhysicalPoint((0, 0, k))[2], 3): k for k in range(ct.GetDepth())}
     for frame, z in zip(frames, positions):
         np.testing.assert_array_equal(frame, expected[k_of[round(z, 3)]])

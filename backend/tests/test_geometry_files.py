@@ -43,6 +43,10 @@ def test_3d_box_gives_centre_slice_outline_and_limits():
     plan = geometry.box_prompt_from_corners([[5, 6, 8], [15, 20, 20]], m, 0, shape, margin_mm=3.0)
     assert plan.slice_index == 7 and (plan.first, plan.last) == (2, 12)  # slices 4..10, 2 slices (4 mm) margin
     np.testing.assert_allclose(plan.box, [5, 6, 15, 20])
+    roi = [[x, y, z] for x in (5, 15) for y in (6, 20) for z in (8, 20)]  # all 8 corners of a Slicer ROI
+    from_roi = geometry.box_prompt_from_corners(roi, m, 0, shape, margin_mm=3.0)
+    assert (from_roi.slice_index, from_roi.first, from_roi.last) == (7, 2, 12)
+    np.testing.assert_allclose(from_roi.box, plan.box)
     flat = geometry.box_prompt_from_corners([[5, 6, 8], [15, 20, 8]], m, 0, shape, margin_mm=3.0)
     assert flat.slice_index == 4 and (flat.first, flat.last) == (0, 19)  # a 2D box: no limits
     with pytest.raises(geometry.GeometryError, match="outside the image"):

@@ -194,7 +194,7 @@ class BoxPrompt:
 
 def box_prompt_from_corners(corners_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: int,
                             shape_kji: tuple[int, int, int], margin_mm: float) -> BoxPrompt:
-    """Two opposite box corners in RAS -> a box prompt along K,J,I array axis `axis`.
+    """Box corners in RAS (two opposite ones, or all 8 of a Slicer ROI) -> a box prompt along K,J,I array axis `axis`.
 
     Corners on one slice are a 2D box: propagation is unlimited. Corners on different slices are a 3D box (a RECIST
     lesion box, an ROI): the key slice is its centre, the 2D box its outline there, and propagation stops
