@@ -177,7 +177,7 @@ def test_killed_run_resumes_without_redoing_finished_cases(tmp_path):
     command = [sys.executable, "-m", "medsam2_backend.cli", "batch", str(manifest), "-o", str(out),
                "--test-engine", "--no-ray"]
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not list(out.glob("*/report.json")) and time.time() < deadline and run.poll() is None:
         time.sleep(0.02)
     run.kill()

@@ -113,10 +113,12 @@ def _dry_run(image: images.Image, objects: list[prompts.ObjectPrompt]) -> None:
         raise CaseInputError(f"{obj.name}: {e}") from None
 
 
-def run_case(engine, plan: CasePlan, out_dir: pathlib.Path, options: CaseOptions, *, on_slice=None) -> dict:
+def run_case(engine, plan: CasePlan, out_dir: pathlib.Path, options: CaseOptions, *, on_slice=None,
+             extra: dict | None = None) -> dict:
     """Segment every object of a checked case, write the outputs into `out_dir`, return the report.
 
-    `on_slice(done, planned)` is called after each propagated slice (a progress bar)."""
+    `on_slice(done, planned)` is called after each propagated slice (a progress bar); `extra` joins the report,
+    which is written once, last (a cohort's resume key must never be missing from a written report)."""
     t_start = time.perf_counter()
     image = plan.image
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +162,7 @@ def run_case(engine, plan: CasePlan, out_dir: pathlib.Path, options: CaseOptions
               "index_order": "voxel indices I,J,K; axis i/j/k; slice pixels x = lower, y = higher remaining index",
               "model": engine.describe(), "objects": per_object, "outputs": files,
               "timings": {"read_s": plan.read_s, "segment_s": t0 - t_start, "write_s": time.perf_counter() - t0,
-                          "case_s": plan.read_s + time.perf_counter() - t_start}}
+                          "case_s": plan.read_s + time.perf_counter() - t_start}, **(extra or {})}
     write_json_atomically(out_dir / "report.json", report)
     return report
 

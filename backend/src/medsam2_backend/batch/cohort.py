@@ -135,10 +135,8 @@ def process_case(engine, case: Case, out_root: pathlib.Path, options: CaseOption
         if not case.prompts and not case.labels:
             raise CaseInputError("The case has neither prompts nor labels.")
         plan = plan_case(case.image, prompts_path=case.prompts, labels_path=case.labels, options=options)
-        report = run_case(engine, plan, out_dir, options, on_slice=on_slice)
-        report["resume_key"] = key
-        report["id"] = case.id
-        write_json_atomically(previous, report)
+        report = run_case(engine, plan, out_dir, options, on_slice=on_slice,
+                          extra={"id": case.id, "resume_key": key})
         (out_dir / "failed.json").unlink(missing_ok=True)  # an earlier failure of this case is history now
         return {"id": case.id, "status": "ok", "report": report}
     except (CaseInputError, EngineInputError) as e:
