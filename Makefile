@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 SAM2_VERSION := 1.1.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench screenshot clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: setup
 bench: setup
 	$(PY) backend/bench/bench.py $(if $(FULL),--full,)
 	$(PY) backend/bench/bench_server.py
+
+# The Extensions Index screenshot (Resources/Screenshots), rendered offscreen from the deterministic test engine.
+screenshot: setup
+	$(PY) Utilities/render_screenshot.py
 
 clean:
 	rm -rf $(VENV) out

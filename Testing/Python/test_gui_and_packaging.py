@@ -317,4 +317,4 @@ def test_extensions_index_entry_is_complete():
     entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text())
     assert entry["category"] == "Segmentation"
     assert entry["scm_url"].endswith(".git") and entry["scm_revision"]
-    assert entry["build_dependencies"] == []
+    assert entry["build_dependencies"] == ["PyTorch"]  # the PyTorch extension installs torch for the GPU driver
