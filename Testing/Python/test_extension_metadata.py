@@ -128,6 +128,26 @@ def test_icon_and_screenshots_exist_in_top_level_resources_and_decode():
             assert image.format == "PNG" and min(image.size) >= 400
 
 
+def test_the_backend_source_ships_inside_the_extension_where_the_installer_looks():
+    """CMake copies backend/pyproject.toml and every .py of backend/src to the module's Resources/backend (build
+    tree and install tree); `install.shipped_backend_dir` looks there first."""
+    from MedSAM2SlicerLib import install
+
+    cmake = (ROOT / "MedSAM2Slicer" / "CMakeLists.txt").read_text()
+    assert "set(MEDSAM2_BACKEND_RESOURCE_DIR Resources/backend)" in cmake
+    for source in ("backend/pyproject.toml", "backend/src"):
+        assert re.search(rf"file\(COPY \$\{{PROJECT_SOURCE_DIR\}}/{source} DESTINATION \$\{{_backend_build_dir\}}", cmake)
+        assert re.search(rf"install\((?:FILES|DIRECTORY) \$\{{PROJECT_SOURCE_DIR\}}/{source}\s+DESTINATION "
+                         r"\$\{Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR\}/\$\{MEDSAM2_BACKEND_RESOURCE_DIR\}", cmake)
+    assert cmake.count('FILES_MATCHING PATTERN "*.py"') == 2
+    # Everything the backend needs at run time is a .py file (the copy takes nothing else from src/).
+    others = [p for p in (ROOT / "backend" / "src").rglob("*") if p.is_file() and p.suffix != ".py"
+              and "__pycache__" not in p.parts and not any(part.endswith(".egg-info") for part in p.parts)]
+    assert others == []
+    module = ROOT / "MedSAM2Slicer"
+    assert install.shipped_backend_dir(module) == ROOT / "backend"  # a checkout; installed: Resources/backend
+
+
 def test_cmake_range_is_slicer_5_10s():
     assert re.match(r"cmake_minimum_required\(VERSION 3\.20\.6\.\.\.3\.22\.6 FATAL_ERROR\)",
                     (ROOT / "CMakeLists.txt").read_text())
