@@ -92,8 +92,11 @@ def gui_stubs(monkeypatch):
         ScriptedLoadableModule=type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: None}),
         ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
         ScriptedLoadableModuleTest=type("ScriptedLoadableModuleTest", (), {}))
+    i18n = types.ModuleType("slicer.i18n")  # strict: only what Slicer's i18n has that the code uses
+    i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
+    monkeypatch.setattr(slicer, "i18n", i18n, raising=False)  # slicer.i18n exists only in the app
     for name, module in {
-        "qt": _stub_module("qt"), "ctk": _stub_module("ctk"),
+        "qt": _stub_module("qt"), "ctk": _stub_module("ctk"), "slicer.i18n": i18n,
         "slicer.ScriptedLoadableModule": loadable,
         "SegmentEditorEffects": _stub_module(
             "SegmentEditorEffects", AbstractScriptedSegmentEditorEffect=AbstractScriptedSegmentEditorEffect),
