@@ -1,6 +1,7 @@
 """The module panel's thin install dialog (MedSAM2Slicer.py) against strict stand-ins for `slicer.util`'s dialogs:
 one confirmation with the plan, a progress dialog per step, one sentence per failure, the device afterwards."""
 
+import sys
 import types
 
 import pytest
@@ -127,8 +128,12 @@ def test_check_prints_and_shows_the_report(panel, monkeypatch, capsys):
     widget.showStatus = lambda text, log=None: logs.append((text, log))
     monkeypatch.setattr(slicer.util, "WaitCursor", contextlib.nullcontext, raising=False)
     monkeypatch.setattr(slicer.app, "applicationVersion", "5.10.0", raising=False)
+    clipboard = []
+    board = types.SimpleNamespace(setText=clipboard.append)
+    monkeypatch.setattr(sys.modules["qt"], "QApplication",
+                        types.SimpleNamespace(clipboard=lambda: board), raising=False)
     widget.onCheckInstallation()
     printed = capsys.readouterr().out
     assert "Slicer: 5.10.0" in printed and "torch: 2.6.0" in printed and "  INFO ready" in printed
     text, log = logs[-1]
-    assert text.startswith("Device: CUDA GPU RTX.") and log == printed.rstrip("\n")
+    assert text.startswith("Device: CUDA GPU RTX.") and log == printed.rstrip("\n") == clipboard[0]
