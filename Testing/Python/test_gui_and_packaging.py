@@ -238,7 +238,7 @@ class FakeSliceWidget(Stub):
         return types.SimpleNamespace(GetSliceNode=lambda: types.SimpleNamespace(GetSliceToRAS=vtk.vtkMatrix4x4))
 
 
-def test_effect_turns_clicks_and_drags_into_prompts(gui_stubs):
+def test_effect_turns_clicks_and_drags_into_prompts(gui_stubs, mrml):  # mrml: the app always has a scene
     import vtk
     from SegmentEditorMedSAM2Lib import SegmentEditorEffect
 
