@@ -75,8 +75,8 @@ def slice_to_ras_along(volume_node, axis: int) -> np.ndarray:
     """A view matrix whose normal is the volume's `axis` (K,J,I order), so a replayed prompt keeps its axis."""
     ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
     normal = ijk_to_ras[:3, 2 - axis] / np.linalg.norm(ijk_to_ras[:3, 2 - axis])
-    helper = np.eye(3)[int(np.argmin(np.abs(normal)))]
-    right = np.cross(helper, normal)
+    _rows, cols = geometry.slice_plane_axes(axis)  # in-plane "right" along the slice's columns, as the engine's x
+    right = ijk_to_ras[:3, 2 - cols] - normal * (ijk_to_ras[:3, 2 - cols] @ normal)
     right /= np.linalg.norm(right)
     matrix = np.eye(4)
     matrix[:3, 0], matrix[:3, 1], matrix[:3, 2] = right, np.cross(normal, right), normal
