@@ -309,3 +309,47 @@ def test_next_least_certain_cycles_through_the_list(gui_stubs):  # noqa: F811
         effect.onJumpToNextLeastCertain()
     assert jumped == ["worst", "second", "worst"]
     assert "SegmentEditorEffects" in sys.modules  # the stand-ins were in place
+
+
+def test_dragging_shows_a_rubber_band_that_the_release_turns_into_the_box_prompt(gui_stubs, mrml):  # noqa: F811
+    from SegmentEditorMedSAM2Lib import SegmentEditorEffect
+
+    volume = scenarios.add_volume(shape_kji=(12, 80, 80), ijk_to_ras=AXIAL_IJK_TO_RAS)
+
+    class Parameters:  # the vtkMRMLSegmentEditorNode getters the effect calls
+        def GetSourceVolumeNode(self):
+            return volume
+
+        def GetSegmentationNode(self):
+            return None
+
+        def GetSelectedSegmentID(self):
+            return ""
+
+    class ScriptedEffect(Stub):
+        NotConfirmed, ConfirmedWithoutDialog, ConfirmedWithDialog = 0, 1, 2
+
+        def confirmCurrentSegmentVisible(self):
+            return self.ConfirmedWithoutDialog
+
+        def parameterSetNode(self):
+            return Parameters()
+
+    effect = SegmentEditorEffect(ScriptedEffect())
+    effect.setupOptionsFrame()
+    sent = []
+    effect._run = lambda action: sent.append(action)
+    view = FakeSliceWidget()
+    move = vtk.vtkCommand.MouseMoveEvent
+    assert effect.processInteractionEvents(FakeInteractor((12, 22)), move, view) is False  # no button: nothing
+    assert prompt_list.marker_nodes(mrml) == []
+    effect.processInteractionEvents(FakeInteractor((10, 20)), vtk.vtkCommand.LeftButtonPressEvent, view)
+    assert effect.processInteractionEvents(FakeInteractor((12, 22)), move, view) is False  # within the click radius
+    assert prompt_list.marker_nodes(mrml) == []
+    assert effect.processInteractionEvents(FakeInteractor((40, 60)), move, view) is False  # the view keeps the move
+    (band,) = prompt_list.marker_nodes(mrml, "rubber band")
+    bounds = [0.0] * 6
+    band.GetRASBounds(bounds)
+    np.testing.assert_allclose(bounds[:4], [10, 40, 20, 60])  # the stand-in xyToRas maps (x, y) to (x, y, 7)
+    effect.processInteractionEvents(FakeInteractor((40, 60)), vtk.vtkCommand.LeftButtonReleaseEvent, view)
+    assert prompt_list.marker_nodes(mrml, "rubber band") == [] and len(sent) == 1
