@@ -122,6 +122,8 @@ def _hidden_node(scene, class_name: str, name: str, key: str, rgb):
     display.SetColor(*rgb)
     display.SetPointLabelsVisibility(False)
     display.SetPropertiesLabelVisibility(False)
+    display.SetHandlesInteractive(False)
+    display.SetVisibility3D(False)  # prompts belong to slices; the 3D view shows the result
     return node
 
 

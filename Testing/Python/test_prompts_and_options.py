@@ -119,6 +119,8 @@ def test_markers_show_each_prompt_on_its_slice_hidden_and_not_saved(segmenting, 
                      ("vtkMRMLMarkupsROINode", "MedSAM2 box")]
     for node in made:
         assert node.GetHideFromEditors() and not node.GetSaveWithScene() and node.GetLocked()
+        display = node.GetDisplayNode()
+        assert display.GetVisibility2D() and not display.GetVisibility3D() and not display.GetHandlesInteractive()
     positive = next(n for n in made if n.GetName().endswith("positive points"))
     np.testing.assert_allclose(positive.GetNthControlPointPosition(0), points[0])
     assert positive.GetDisplayNode().GetSelectedColor() == pytest.approx(prompt_list.POSITIVE_RGB)
