@@ -23,6 +23,7 @@ from .controller import MedSAM2ActionError, RasPrompt
 from .mrml_io import SliceBatchWriter
 
 MARKER_ATTRIBUTE = "MedSAM2.PromptMarker"  # "<segmentation node id>/<segment id>"; "rubber band" for the drag
+SIGNATURE_ATTRIBUTE = "MedSAM2.PromptSignature"  # the prompts a segment's markers show
 POSITIVE_RGB, NEGATIVE_RGB, BOX_RGB = (0.2, 0.9, 0.2), (0.95, 0.2, 0.2), (1.0, 0.85, 0.1)
 AXIS_NAMES = {0: "K", 1: "J", 2: "I"}  # engine axis (K,J,I array order) -> volume index
 
@@ -139,10 +140,20 @@ def marker_nodes(scene, key: str | None = None) -> list:
     return nodes
 
 
+def _signature(prompts: list[RasPrompt]) -> str:
+    return repr([(p.slice_index, p.axis, *(None if a is None else np.round(a, 4).tolist()
+                                          for a in (p.points_ras, p.labels, p.box_corners_ras))) for p in prompts])
+
+
 def show_markers(scene, segmentation_node, segment_id: str, prompts: list[RasPrompt], volume_node) -> list:
-    """Replace the segment's markers by markers of `prompts`; returns the nodes made."""
+    """Replace the segment's markers by markers of `prompts`; returns the segment's marker nodes. Unchanged
+    prompts keep their nodes (the editor refreshes its GUI often; nodes are not re-created each time)."""
     key = f"{segmentation_node.GetID()}/{segment_id}"
-    for node in marker_nodes(scene, key):
+    signature = _signature(prompts)
+    existing = marker_nodes(scene, key)
+    if existing and all(node.GetAttribute(SIGNATURE_ATTRIBUTE) == signature for node in existing):
+        return existing
+    for node in existing:
         scene.RemoveNode(node)
     if not prompts:
         return []
@@ -161,6 +172,8 @@ def show_markers(scene, segmentation_node, segment_id: str, prompts: list[RasPro
             node = _hidden_node(scene, "vtkMRMLMarkupsROINode", "MedSAM2 box", key, BOX_RGB)
             set_flat_box(node, prompt.box_corners_ras, volume_node, prompt.axis)
             made.append(node)
+    for node in made:
+        node.SetAttribute(SIGNATURE_ATTRIBUTE, signature)
     return made
 
 

@@ -154,8 +154,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if np.hypot(release_xy[0] - press_xy[0], release_xy[1] - press_xy[1]) > DRAG_THRESHOLD_PX:
             prompt = {"box_corners_ras": [self.xyToRas(press_xy, viewWidget), self.xyToRas(release_xy, viewWidget)]}
         else:
-            prompt = {"points_ras": [self.xyToRas(release_xy, viewWidget)],
-                      "labels": [0 if bool(callerInteractor.GetControlKey()) != self.takeNextClickNegative() else 1]}
+            negative = bool(callerInteractor.GetControlKey()) != self.takeNextClickNegative()  # n flips one click
+            prompt = {"points_ras": [self.xyToRas(release_xy, viewWidget)], "labels": [0 if negative else 1]}
         self._run(lambda controller, volume, segment_id: controller.add_prompt(
             volume, EffectTarget(self.scriptedEffect), segment_id, slice_to_ras=slice_to_ras, **prompt))
         self.refreshPrompts()
@@ -222,8 +222,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.promptList.toolTip = _("The selected segment's prompts (slice, kind); the markers show them in the views")
         self.scriptedEffect.addLabeledOptionsWidget(_("Prompts:"), self.promptList)
         self.removePromptButton = qt.QPushButton(_("Remove prompt"))
-        self.removePromptButton.toolTip = _("Remove the selected prompt (or the latest, x): the others are replayed and "
-                                            "the last propagation is run again; one undo step")
+        self.removePromptButton.toolTip = _("Remove the selected prompt (or the latest, x): the others are replayed "
+                                            "and the last propagation is run again; one undo step")
         self.removePromptButton.connect("clicked()", self.onRemoveSelectedPrompt)
         self.scriptedEffect.addOptionsWidget(self.removePromptButton)
 

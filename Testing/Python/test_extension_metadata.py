@@ -136,7 +136,8 @@ def test_the_backend_source_ships_inside_the_extension_where_the_installer_looks
     cmake = (ROOT / "MedSAM2Slicer" / "CMakeLists.txt").read_text()
     assert "set(MEDSAM2_BACKEND_RESOURCE_DIR Resources/backend)" in cmake
     for source in ("backend/pyproject.toml", "backend/src"):
-        assert re.search(rf"file\(COPY \$\{{PROJECT_SOURCE_DIR\}}/{source} DESTINATION \$\{{_backend_build_dir\}}", cmake)
+        assert re.search(rf"file\(COPY \$\{{PROJECT_SOURCE_DIR\}}/{source} DESTINATION "
+                         r"\$\{_backend_build_dir\}", cmake)
         assert re.search(rf"install\((?:FILES|DIRECTORY) \$\{{PROJECT_SOURCE_DIR\}}/{source}\s+DESTINATION "
                          r"\$\{Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR\}/\$\{MEDSAM2_BACKEND_RESOURCE_DIR\}", cmake)
     assert cmake.count('FILES_MATCHING PATTERN "*.py"') == 2

@@ -212,7 +212,8 @@ def test_the_shipped_backend_really_builds_from_its_copy(tmp_path):
                                          versions=lambda: dict(READY, **{"medsam2-slicer-backend": None}))
     installer.run(installer.plan())
     site = tmp_path / "site"
-    assert (site / "medsam2_backend" / "server" / "app.py").is_file() and (site / "medsam2_client" / "wire.py").is_file()
+    assert (site / "medsam2_backend" / "server" / "app.py").is_file()
+    assert (site / "medsam2_client" / "wire.py").is_file()
     assert not list((ROOT / "backend").glob("build"))  # nothing was built inside the shipped folder
 
 

@@ -132,7 +132,12 @@ def test_markers_show_each_prompt_on_its_slice_hidden_and_not_saved(segmenting, 
     mrml.SetSaveToXMLString(1)
     mrml.Commit()
     assert "MedSAM2 box" not in mrml.GetSceneXMLString() and segmentation.GetID() in mrml.GetSceneXMLString()
-    # Refreshing replaces them; no prompt left (a Reset): none.
+    # The same prompts again keep the same nodes; changed prompts replace them; no prompt left (a Reset): none.
+    prompts = logic.controller.prompts(volume, segment_id)
+    assert prompt_list.show_markers(mrml, segmentation, segment_id, prompts, volume) == made
+    fewer = prompt_list.show_markers(mrml, segmentation, segment_id, prompts[:1], volume)
+    assert [n.GetClassName() for n in fewer] == ["vtkMRMLMarkupsROINode"] and fewer[0] not in made
+    assert prompt_list.marker_nodes(mrml) == fewer
     assert len(prompt_list.show_markers(mrml, segmentation, segment_id, [], volume)) == 0
     assert prompt_list.marker_nodes(mrml) == []
 
