@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import slicer
 
 from . import geometry
 from .controller import MedSAM2ActionError, RasPrompt
