@@ -56,6 +56,7 @@ def save_segmentation(scene, segmentation, path: pathlib.Path) -> None:
 MASK_OUTLINE_RGB = (255, 40, 40)
 PROMPT_RGB = (40, 255, 40)
 LABEL_RGB = (255, 230, 0)
+RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS: the pipeline is real, these masks are meaningless"
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
@@ -88,11 +89,12 @@ def label_tile(image, text: str, xy=(3, 2)) -> None:
 
 
 def save_montage(voxels_kji: np.ndarray, mask_kji: np.ndarray, path: pathlib.Path, prompt_slice: int | None = None,
-                 box_ij=None) -> list[int]:
+                 box_ij=None, note: str | None = None) -> list[int]:
     """12 evenly spaced axial slices (the prompted one among them), greyscale in the display window, each labelled
     with its slice index, the mask outlined in red (not tinted) and the box prompt drawn in green on its slice.
 
-    `box_ij` is two opposite corners as (I, J) voxel indices; returns the slices shown, in tile order."""
+    `box_ij` is two opposite corners as (I, J) voxel indices; `note` is written across the bottom of the sheet
+    (the demo says there when the masks come from random weights). Returns the slices shown, in tile order."""
     from PIL import Image, ImageDraw
 
     count = MONTAGE_COLUMNS * MONTAGE_ROWS
@@ -118,6 +120,8 @@ def save_montage(voxels_kji: np.ndarray, mask_kji: np.ndarray, path: pathlib.Pat
             text += " (box prompt)"
         label_tile(tile, text)
         sheet.paste(tile, ((n % MONTAGE_COLUMNS) * cols * scale, (n // MONTAGE_COLUMNS) * rows * scale))
+    if note:
+        label_tile(sheet, note, xy=(3, sheet.height - 20))
     sheet.save(path)
     return slices
 
@@ -167,7 +171,7 @@ def run_demo(out_dir, checkpoint: str | None = None, test_engine: bool = False, 
     png_path = out_dir / f"{volume.GetName()}_montage.png"
     box_ijk = geometry.ras_to_ijk(box_ras, geometry.ijk_to_world_ras(volume))
     shown = save_montage(slicer.util.arrayFromVolume(volume), mask, png_path, prompt_slice=slice_index,
-                         box_ij=box_ijk[:, :2])
+                         box_ij=box_ijk[:, :2], note=RANDOM_WEIGHTS_NOTE if random_weights else None)
     timings["save"] = time.perf_counter() - started
     return {"segmentation": seg_path, "montage": png_path, "montage_slices": shown, "prompt_slice": slice_index,
             "box_ras": box_ras, "segment_id": segment_id, "voxels": int(mask.sum()),

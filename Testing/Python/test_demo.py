@@ -66,3 +66,16 @@ def test_demo_writes_a_segmentation_on_the_volume_geometry_and_a_montage(tmp_pat
     top, bottom = (128 - 91) * scale - 1, (128 - 38) * scale
     assert (cols.min(), cols.max(), rows.min(), rows.max()) == (lo, hi, top, bottom)
     assert green[top, lo:hi + 1].all() and green[top:bottom + 1, hi].all()
+
+
+def test_the_montage_says_so_when_the_masks_come_from_random_weights(tmp_path):
+    from PIL import Image
+
+    voxels = np.zeros((3, 40, 200), np.int16)
+    mask = np.zeros_like(voxels)
+    for note, path in ((None, tmp_path / "plain.png"), (demo.RANDOM_WEIGHTS_NOTE, tmp_path / "random.png")):
+        demo.save_montage(voxels, mask, path, note=note)
+    with Image.open(tmp_path / "plain.png") as plain, Image.open(tmp_path / "random.png") as random_weights:
+        bottom = [np.asarray(image.convert("RGB"))[-20:].astype(int) for image in (plain, random_weights)]
+    yellow = [(strip == np.array(demo.LABEL_RGB)).all(axis=-1).sum() for strip in bottom]
+    assert yellow[0] == 0 and yellow[1] > 100
