@@ -239,7 +239,7 @@ class BackendInstaller:
             raise InstallError(tr("Installing {what} failed (pip exit code {code}); the Python console shows "
                                   "pip's output. Check the internet connection (or proxy) and the free disk space, "
                                   "then try again.").format(what=what, code=error.returncode)) from error
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # e.g. Slicer's "PythonSlicer executable not found"
             raise InstallError(tr("Installing {what} failed: {error}.").format(
                 what=what, error=_one_line(error))) from error
 

@@ -89,6 +89,7 @@ def test_the_shipped_backend_is_found_with_its_version(tmp_path):
 
 def test_a_bare_slicer_gets_pytorch_then_sam2_then_the_shipped_backend(monkeypatch):
     monkeypatch.delenv("SAM2_BUILD_CUDA", raising=False)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # torch was never imported in this Slicer
     world = World(BARE)
     installer = _installer(world)
     steps = installer.plan()
@@ -98,6 +99,7 @@ def test_a_bare_slicer_gets_pytorch_then_sam2_then_the_shipped_backend(monkeypat
     seen = []
     outcome = installer.run(steps, progress=lambda done, total, title: seen.append((done, total)))
     assert outcome.done == ["torch", "sam2_dependencies", "sam2", "backend"] and not outcome.cancelled
+    assert not outcome.restart_required
     assert seen == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
     kinds = [kind for kind, _ in world.requests]
     assert kinds == ["installTorch", "pip", "pip", "pip"]
@@ -174,6 +176,18 @@ def test_every_failure_is_one_sentence_and_stops_the_install(world, pytorch, exp
     kind, last = world.requests[-1]  # nothing was asked after the failing step
     assert (world.fail in " ".join(last["args"])) if world.fail else kind in ("installTorch", "pip")
     assert world.fail or len(world.requests) == 1
+
+
+def test_pip_that_cannot_start_is_a_sentence():
+    def no_python_slicer(requirements):
+        raise RuntimeError("PythonSlicer executable not found")
+
+    installer = install.BackendInstaller(no_python_slicer, None, backend_dir=install.shipped_backend_dir(MODULE_DIR),
+                                         versions=World(READY).versions)
+    installer.versions = lambda: dict(READY, sam2=None)
+    with pytest.raises(install.InstallError, match=r"^Installing SAM-2's dependencies failed: PythonSlicer "
+                                                   r"executable not found\.$"):
+        installer.run(installer.plan())
 
 
 def test_no_shipped_backend_and_no_disk_space_are_sentences(monkeypatch, tmp_path):

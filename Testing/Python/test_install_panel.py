@@ -46,6 +46,7 @@ def panel(gui_stubs, monkeypatch):  # noqa: F811
                         raising=False)
     monkeypatch.setattr(install, "probe_torch", lambda python=None: {"torch": "2.6.0", "cuda_build": "12.4",
                                                                       "cuda_available": True, "cuda_device": "RTX"})
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # as in Slicer before MedSAM2: torch never imported
     widget = MedSAM2Slicer.MedSAM2SlicerWidget.__new__(MedSAM2Slicer.MedSAM2SlicerWidget)
     widget.status = []
     widget.panelSettings = lambda: {"python": ""}
@@ -78,6 +79,15 @@ def test_one_dialog_then_each_step_with_progress_then_the_device(panel):
         "Step 1 of 4", "Step 2 of 4", "Step 3 of 4", "Step 4 of 4", "Step 4 of 4"]
     assert [kind for kind, _ in world.requests] == ["installTorch", "pip", "pip", "pip"]
     assert shown.infos == ["MedSAM2 is installed.\nDevice: CUDA GPU RTX. PyTorch 2.6.0, CUDA 12.4 build."]
+
+
+def test_an_older_torch_already_imported_asks_for_a_restart(panel, monkeypatch):
+    widget, shown, use = panel
+    use(World(dict(READY, torch="2.4.0")))
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # the old one is loaded in this process
+    assert widget.ensureBackendInstalled() is False
+    assert shown.infos == ["PyTorch was updated: restart Slicer, then press Start again."]
+    assert widget.status == ["Restart Slicer to use the new PyTorch."]
 
 
 def test_declined_installs_nothing_and_says_what_to_do(panel):
