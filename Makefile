@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 SAM2_VERSION := 1.1.0
 
-.PHONY: setup test demo bench bench-batch clean
+.PHONY: setup test demo bench bench-batch screenshot clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: setup
 # Cohort throughput: Ray with 1 and 2 workers against the single-process loop with 1 and 2 threads.
 bench-batch: setup
 	$(PY) backend/bench/bench_batch.py
+
+# The Extensions Index screenshot (Resources/Screenshots), rendered offscreen from the deterministic test engine.
+screenshot: setup
+	$(PY) Utilities/render_screenshot.py
 
 clean:
 	rm -rf $(VENV) out

@@ -7,10 +7,12 @@ import os
 
 import qt
 import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
                                            ScriptedLoadableModuleWidget)
 
-from MedSAM2SlicerLib import panel_settings
+from MedSAM2SlicerLib import install, panel_settings
 from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import MedSAM2SlicerLogic, describe_capabilities, shared_logic
 
@@ -70,6 +72,7 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
         for spin in (self.ui.windowLevelSpinBox, self.ui.windowWidthSpinBox, self.ui.percentileLowSpinBox,
                      self.ui.percentileHighSpinBox):
             spin.connect("valueChanged(double)", self.onPreprocessingChanged)
+        self.setupInstallSection()
         self.layout.addStretch(1)
         self.onBackendChanged()
         self.onPreprocessingChanged()
@@ -120,6 +123,8 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
 
     def onStartLocalServer(self):
         self.saveSettings()
+        if not self.ensureBackendInstalled():
+            return
         options = panel_settings.local_server_options(self.panelSettings())
         self.showStatus("Starting the local MedSAM2 server (loading the model)...")
         try:
@@ -187,6 +192,77 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
 
     def cleanup(self):
         self.logic.close()  # stops a local server this panel started
+        if hasattr(self, "checkInstallButton"):
+            self.checkInstallButton.disconnect("clicked()", self.onCheckInstallation)
+
+    # ---- guided install (the plan and its sentences: MedSAM2SlicerLib/install.py) ----------------------------------
+    def setupInstallSection(self):
+        # The Qt-free Lib's sentences through Slicer's translation, under one context of their own.
+        install.tr = lambda text: translate("MedSAM2SlicerLib.install", text)
+        self.checkInstallButton = qt.QPushButton(_("Check installation"))
+        self.checkInstallButton.toolTip = _("Print a report for bug reports (Slicer, Python, PyTorch, CUDA, SAM-2, "
+                                            "backend and client versions, free disk, the server's log) and copy it")
+        self.checkInstallButton.connect("clicked()", self.onCheckInstallation)
+        self.layout.addWidget(self.checkInstallButton)
+
+    @staticmethod
+    def backendInstaller() -> install.BackendInstaller:
+        try:
+            import PyTorchUtils  # the PyTorch extension (an EXTENSION_DEPENDS; absent in a bare Slicer build)
+        except ModuleNotFoundError:
+            PyTorchUtils = None
+        return install.BackendInstaller(slicer.util.pip_install, PyTorchUtils,
+                                        install.shipped_backend_dir(os.path.dirname(__file__)))
+
+    def ensureBackendInstalled(self) -> bool:
+        """True when the local backend can start; else one dialog offers to install it, and it is installed."""
+        if self.panelSettings()["python"]:
+            return True  # another Python was chosen: it is its owner's to install
+        installer = self.backendInstaller()
+        steps = installer.plan()
+        if not steps:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(installer.describe(steps), windowTitle=_("Install MedSAM2")):
+            self.showStatus(_("MedSAM2 is not installed. Start again to install it, or connect to a remote server."))
+            return False
+        dialog = slicer.util.createProgressDialog(maximum=len(steps), windowTitle=_("Installing MedSAM2"),
+                                                  labelText=steps[0].title)
+
+        def progress(done, total, title):
+            dialog.value, dialog.labelText = done, _("Step {done} of {total}: {title}").format(
+                done=min(done + 1, total), total=total, title=title)
+            slicer.app.processEvents()  # shows the step and takes a click on Cancel (acted on between steps)
+
+        try:
+            outcome = installer.run(steps, progress=progress, cancelled=lambda: dialog.wasCanceled)
+        except install.InstallError as error:
+            self.showStatus(str(error))
+            slicer.util.errorDisplay(str(error), windowTitle=_("MedSAM2 could not be installed"))
+            return False
+        finally:
+            dialog.close()
+        if outcome.cancelled:
+            self.showStatus(_("Install cancelled; what was installed stays. Start again to continue."))
+            return False
+        if outcome.restart_required:
+            slicer.util.infoDisplay(_("PyTorch was updated: restart Slicer, then press Start again."))
+            self.showStatus(_("Restart Slicer to use the new PyTorch."))
+            return False
+        slicer.util.infoDisplay(_("MedSAM2 is installed.") + "\n" + install.describe_device(install.probe_torch()),
+                                windowTitle=_("Install MedSAM2"))
+        return True
+
+    def onCheckInstallation(self):
+        server = self.logic.local_server
+        python = self.panelSettings()["python"] or None
+        with slicer.util.WaitCursor():
+            info = install.probe_torch(python)
+        report = install.installation_report(slicer.app.applicationVersion, info,
+                                             server.log_tail(40) if server is not None else "")
+        print(report)  # the Python console: select and copy
+        qt.QApplication.clipboard().setText(report)
+        self.showStatus(install.describe_device(info) + " " + _("The full report is below, in the Python console "
+                                                                "and on the clipboard."), log=report)
 
 
 class MedSAM2SlicerTest(ScriptedLoadableModuleTest):

@@ -104,6 +104,8 @@ class SessionController:
         self._prompts: dict[tuple[str, str], list[RasPrompt]] = {}
         self._fingerprints: dict[str, tuple[int, str]] = {}  # volume id -> (image MTime, fingerprint)
         self._run = None
+        # (volume id, segment id) -> the options of its last completed propagation (removing a prompt redoes it)
+        self.last_propagation: dict[tuple[str, str], dict] = {}
 
     # ---- user actions -----------------------------------------------------------------------------------------
     def add_prompt(self, volume_node, target, segment_id: str, *, points_ras=None, labels=None,
@@ -169,6 +171,9 @@ class SessionController:
             finally:
                 self._run = None
             writer.flush()
+        self.last_propagation[(volume_node.GetID(), segment_id)] = dict(
+            direction=direction, start=start, stop=stop, stop_after_empty=stop_after_empty,
+            postprocess=tuple(postprocess))
         ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
         ranked = run.summary.least_certain.get(obj_id, [])
         return PropagationOutcome(len(writer.slices_written), writer.write_count, writer.voxels_written,
@@ -193,6 +198,7 @@ class SessionController:
         key = (volume_node.GetID(), segment_id)
         axis = self._segment_axis.pop(key, None)
         self._prompts.pop(key, None)
+        self.last_propagation.pop(key, None)
         entry = self._sessions.get((volume_node.GetID(), axis))
         if entry is not None and segment_id in entry.obj_ids:
             with _as_action_error("Resetting the segment"):

@@ -4,7 +4,7 @@
 
 Loads the CT into a scalar volume node with its file geometry, starts a local `medsam2-server` (random weights
 unless a checkpoint is given), draws a box in RAS on the middle axial slice, propagates both ways into a new
-segment, and writes `<name>.seg.nrrd` plus a PNG montage of 12 slices with the mask overlaid.
+segment, and writes `<name>.seg.nrrd` plus a PNG montage of 12 labelled slices, the mask outlined and the box drawn.
 """
 
 from __future__ import annotations
@@ -53,23 +53,75 @@ def save_segmentation(scene, segmentation, path: pathlib.Path) -> None:
         raise MedSAM2ActionError(f"Could not write {path}.")
 
 
-def save_montage(voxels_kji: np.ndarray, mask_kji: np.ndarray, path: pathlib.Path) -> list[int]:
-    """12 evenly spaced axial slices, greyscale in the display window, the mask in red; returns the slices shown."""
-    from PIL import Image
+MASK_OUTLINE_RGB = (255, 40, 40)
+PROMPT_RGB = (40, 255, 40)
+LABEL_RGB = (255, 230, 0)
+RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS: the pipeline is real, these masks are meaningless"
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The mask's boundary pixels (4-connected): the mask minus its erosion, so the anatomy under it stays visible."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def grey_rgb(voxels: np.ndarray, window=DISPLAY_WINDOW) -> np.ndarray:
+    """A slice in the display window as float RGB 0-255 (the voxels themselves are never changed)."""
+    level, width = window
+    grey = np.clip((np.asarray(voxels, float) - (level - width / 2)) / width, 0, 1) * 255
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def label_tile(image, text: str, xy=(3, 2)) -> None:
+    """Write `text` on a PIL image, on a black strip so it reads over any anatomy."""
+    from PIL import ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(image)
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    left, top, right, bottom = draw.textbbox(xy, text, font=font)
+    draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(0, 0, 0))
+    draw.text(xy, text, fill=LABEL_RGB, font=font)
+
+
+def save_montage(voxels_kji: np.ndarray, mask_kji: np.ndarray, path: pathlib.Path, prompt_slice: int | None = None,
+                 box_ij=None, note: str | None = None) -> list[int]:
+    """12 evenly spaced axial slices (the prompted one among them), greyscale in the display window, each labelled
+    with its slice index, the mask outlined in red (not tinted) and the box prompt drawn in green on its slice.
+
+    `box_ij` is two opposite corners as (I, J) voxel indices; `note` is written across the bottom of the sheet
+    (the demo says there when the masks come from random weights). Returns the slices shown, in tile order."""
+    from PIL import Image, ImageDraw
 
     count = MONTAGE_COLUMNS * MONTAGE_ROWS
     slices = sorted({int(round(k)) for k in np.linspace(0, voxels_kji.shape[0] - 1, count)})
-    level, width = DISPLAY_WINDOW
+    if prompt_slice is not None and prompt_slice not in slices:  # swap it in for the nearest evenly spaced one
+        slices[int(np.argmin([abs(k - prompt_slice) for k in slices]))] = prompt_slice
+        slices.sort()
     rows, cols = voxels_kji.shape[1:]
-    sheet = Image.new("RGB", (MONTAGE_COLUMNS * cols * MONTAGE_SCALE, MONTAGE_ROWS * rows * MONTAGE_SCALE))
+    scale = MONTAGE_SCALE
+    sheet = Image.new("RGB", (MONTAGE_COLUMNS * cols * scale, MONTAGE_ROWS * rows * scale))
     for n, k in enumerate(slices):
-        grey = np.clip((voxels_kji[k].astype(float) - (level - width / 2)) / width, 0, 1) * 255
-        rgb = np.repeat(grey[..., None], 3, axis=2)
-        on = mask_kji[k] > 0
-        rgb[on] = 0.55 * rgb[on] + 0.45 * np.array([255.0, 0.0, 0.0])
+        # Upscale first, then outline, so the outline is one screen pixel wide and the inside shows the anatomy.
+        rgb = np.kron(grey_rgb(voxels_kji[k]), np.ones((scale, scale, 1)))
+        rgb[outline(np.kron(mask_kji[k] > 0, np.ones((scale, scale), bool)))] = MASK_OUTLINE_RGB
         tile = Image.fromarray(rgb[::-1].astype(np.uint8))  # row J up, as a view shows anterior up
-        tile = tile.resize((cols * MONTAGE_SCALE, rows * MONTAGE_SCALE), Image.NEAREST)
-        sheet.paste(tile, ((n % MONTAGE_COLUMNS) * cols * MONTAGE_SCALE, (n // MONTAGE_COLUMNS) * rows * MONTAGE_SCALE))
+        text = f"slice {k}"
+        if k == prompt_slice and box_ij is not None:
+            (i0, j0), (i1, j1) = np.sort(np.asarray(box_ij, float), axis=0).round().astype(int)
+            # One pixel outside the boxed voxels' edges (so a mask filling the box keeps its outline visible);
+            # rows count from the top after the J flip.
+            ImageDraw.Draw(tile).rectangle((i0 * scale - 1, (rows - 1 - j1) * scale - 1,
+                                            (i1 + 1) * scale, (rows - j0) * scale), outline=PROMPT_RGB)
+            text += " (box prompt)"
+        label_tile(tile, text)
+        sheet.paste(tile, ((n % MONTAGE_COLUMNS) * cols * scale, (n // MONTAGE_COLUMNS) * rows * scale))
+    if note:
+        label_tile(sheet, note, xy=(3, sheet.height - 20))
     sheet.save(path)
     return slices
 
@@ -117,7 +169,9 @@ def run_demo(out_dir, checkpoint: str | None = None, test_engine: bool = False, 
     save_segmentation(scene, segmentation, seg_path)
     mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
     png_path = out_dir / f"{volume.GetName()}_montage.png"
-    shown = save_montage(slicer.util.arrayFromVolume(volume), mask, png_path)
+    box_ijk = geometry.ras_to_ijk(box_ras, geometry.ijk_to_world_ras(volume))
+    shown = save_montage(slicer.util.arrayFromVolume(volume), mask, png_path, prompt_slice=slice_index,
+                         box_ij=box_ijk[:, :2], note=RANDOM_WEIGHTS_NOTE if random_weights else None)
     timings["save"] = time.perf_counter() - started
     return {"segmentation": seg_path, "montage": png_path, "montage_slices": shown, "prompt_slice": slice_index,
             "box_ras": box_ras, "segment_id": segment_id, "voxels": int(mask.sum()),

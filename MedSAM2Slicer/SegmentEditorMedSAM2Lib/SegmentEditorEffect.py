@@ -11,8 +11,10 @@ import qt
 import slicer
 import vtk
 from medsam2_client.protocol import DIRECTIONS
+from slicer.i18n import tr as _
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
+from MedSAM2SlicerLib import effect_options, geometry, prompt_list
 from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import shared_logic
 
@@ -60,8 +62,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return qt.QIcon(path) if os.path.exists(path) else qt.QIcon()
 
     def helpText(self):
-        return ("<html>Segment with MedSAM2.<p>Click: positive point; Ctrl+click: negative point; drag: box. "
-                "Then <b>Propagate</b> through the volume. Connect to a server or model in the MedSAM2 module.")
+        return effect_options.help_text()  # mouse actions and shortcuts, in one place
 
     def setupOptionsFrame(self):
         self.directionComboBox = qt.QComboBox()
@@ -94,6 +95,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
+        self.setupPromptList()
+        self.connectOptionsToMRML()
 
     def cleanup(self):
         """Disconnect this object's Qt connections so the effect can be deleted (Slicer issue #7392)."""
@@ -102,9 +105,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.propagateButton.disconnect("clicked()", self.onPropagate)
         self.cancelButton.disconnect("clicked()", self._onCancel)
         self.uncertainList.disconnect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
+        self.disconnectOptionsFromMRML()
+        self.removePromptButton.disconnect("clicked()", self.onRemoveSelectedPrompt)
 
     def deactivate(self):
         self._press_xy = None
+        prompt_list.remove_rubber_band(slicer.mrmlScene)
 
     @staticmethod
     def _onCancel():
@@ -124,6 +130,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         """Returns True to abort the event (the views' own handling, e.g. window/level on left-drag, is skipped)."""
+        if eventId == vtk.vtkCommand.KeyPressEvent:
+            return self.onShortcutKey(callerInteractor.GetKeySym())
+        if eventId == vtk.vtkCommand.MouseMoveEvent:
+            return self.onDragMove(callerInteractor, viewWidget)
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
@@ -139,14 +149,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if eventId != vtk.vtkCommand.LeftButtonReleaseEvent or self._press_xy is None:
             return False
         press_xy, release_xy, self._press_xy = self._press_xy, callerInteractor.GetEventPosition(), None
+        prompt_list.remove_rubber_band(slicer.mrmlScene)
         slice_to_ras = slicer.util.arrayFromVTKMatrix(viewWidget.sliceLogic().GetSliceNode().GetSliceToRAS())
         if np.hypot(release_xy[0] - press_xy[0], release_xy[1] - press_xy[1]) > DRAG_THRESHOLD_PX:
             prompt = {"box_corners_ras": [self.xyToRas(press_xy, viewWidget), self.xyToRas(release_xy, viewWidget)]}
         else:
-            prompt = {"points_ras": [self.xyToRas(release_xy, viewWidget)],
-                      "labels": [0 if callerInteractor.GetControlKey() else 1]}
+            negative = bool(callerInteractor.GetControlKey()) != self.takeNextClickNegative()  # n flips one click
+            prompt = {"points_ras": [self.xyToRas(release_xy, viewWidget)], "labels": [0 if negative else 1]}
         self._run(lambda controller, volume, segment_id: controller.add_prompt(
             volume, EffectTarget(self.scriptedEffect), segment_id, slice_to_ras=slice_to_ras, **prompt))
+        self.refreshPrompts()
         return True
 
     def onPropagate(self):
@@ -166,6 +178,135 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             item.setData(qt.Qt.UserRole, [float(c) for c in slice_info.center_ras])
             self.uncertainList.addItem(item)
         self.statusLabel.text = ("Cancelled; " if outcome.cancelled else "") + f"{outcome.slices_written} slices."
+
+    # ---- options in the Segment Editor's parameter node (saved with the scene) -----------------------------------
+    def _optionWidgets(self):
+        """Option name -> (widget, its change signal, how to read it, how to show a value)."""
+        def spin(box):
+            return (box, "valueChanged(int)", lambda: int(box.value), lambda value: setattr(box, "value", value))
+
+        combo = self.directionComboBox
+        return {"Direction": (combo, "currentIndexChanged(int)", lambda: combo.currentText,
+                              lambda value: setattr(combo, "currentText", value)),
+                "RangeStart": spin(self.rangeStartSpinBox), "RangeStop": spin(self.rangeStopSpinBox),
+                "StopAfterEmpty": spin(self.stopAfterEmptySpinBox)}
+
+    def setMRMLDefaults(self):
+        for name, value in effect_options.DEFAULTS.items():
+            self.scriptedEffect.setParameterDefault(name, value)
+
+    def updateGUIFromMRML(self):
+        self.refreshPrompts()  # e.g. another segment was selected
+        for name, (widget, _signal, _read, show) in self._optionWidgets().items():
+            blocked = widget.blockSignals(True)
+            show(effect_options.typed(name, self.scriptedEffect.parameter(name)))
+            widget.blockSignals(blocked)
+
+    def updateMRMLFromGUI(self, *unused):
+        for name, (_widget, _signal, read, _show) in self._optionWidgets().items():
+            self.scriptedEffect.setParameter(name, read())
+
+    def connectOptionsToMRML(self):
+        effect_options.tr = _  # the Qt-free library's sentences through Slicer's translation
+        for widget, signal, _read, _show in self._optionWidgets().values():
+            widget.connect(signal, self.updateMRMLFromGUI)
+
+    def disconnectOptionsFromMRML(self):
+        for widget, signal, _read, _show in self._optionWidgets().values():
+            widget.disconnect(signal, self.updateMRMLFromGUI)
+
+    # ---- prompts you can see: the list, removing one, markers and the rubber band (MedSAM2SlicerLib.prompt_list) --
+    def setupPromptList(self):
+        prompt_list.tr = _
+        self.promptList = qt.QListWidget()
+        self.promptList.toolTip = _("The selected segment's prompts (slice, kind); the markers show them in the views")
+        self.scriptedEffect.addLabeledOptionsWidget(_("Prompts:"), self.promptList)
+        self.removePromptButton = qt.QPushButton(_("Remove prompt"))
+        self.removePromptButton.toolTip = _("Remove the selected prompt (or the latest, x): the others are replayed "
+                                            "and the last propagation is run again; one undo step")
+        self.removePromptButton.connect("clicked()", self.onRemoveSelectedPrompt)
+        self.scriptedEffect.addOptionsWidget(self.removePromptButton)
+
+    def _selection(self):
+        """(controller, source volume, segmentation node, segment id), any of them None when not chosen yet."""
+        parameters = self.scriptedEffect.parameterSetNode()
+        if parameters is None:
+            return None, None, None, None
+        return (shared_logic().controller, parameters.GetSourceVolumeNode(), parameters.GetSegmentationNode(),
+                parameters.GetSelectedSegmentID() or None)
+
+    def refreshPrompts(self):
+        """The list and the markers of the selected segment, from the controller's prompts."""
+        controller, volume, segmentation, segment_id = self._selection()
+        if not hasattr(self, "promptList"):
+            return
+        prompts = controller.prompts(volume, segment_id) if None not in (controller, volume, segment_id) else []
+        self.promptList.clear()
+        for prompt in prompts:
+            self.promptList.addItem(prompt_list.describe(prompt))
+        if segmentation is not None and segment_id:
+            prompt_list.show_markers(slicer.mrmlScene, segmentation, segment_id, prompts, volume)
+
+    def onRemoveSelectedPrompt(self):
+        self._removePrompt(self.promptList.currentRow if self.promptList.currentRow >= 0 else -1)
+
+    def onRemoveLatestPrompt(self):
+        self._removePrompt(-1)
+
+    def _removePrompt(self, index):
+        outcome = self._run(lambda controller, volume, segment_id: prompt_list.remove_prompt(
+            controller, volume, EffectTarget(self.scriptedEffect), segment_id, index))
+        if outcome is not None:
+            removed = _("Removed the prompt on slice {k}.").format(k=outcome.removed.slice_index)
+            self.statusLabel.text = removed + " " + (
+                _("No prompt left: the segment was reset (Undo brings the prompt's result back).") if outcome.reset
+                else _("{n} prompt(s) replayed, {m} slices propagated again.").format(
+                    n=outcome.remaining, m=outcome.propagated_slices))
+        self.refreshPrompts()
+
+    def onDragMove(self, callerInteractor, viewWidget) -> bool:
+        """While the left button is down and the mouse moved past the click threshold, show the box being drawn."""
+        if self._press_xy is None or viewWidget.className() != "qMRMLSliceWidget":
+            return False
+        xy = callerInteractor.GetEventPosition()
+        _controller, volume, _segmentation, _segment = self._selection()
+        if volume is None or np.hypot(xy[0] - self._press_xy[0], xy[1] - self._press_xy[1]) <= DRAG_THRESHOLD_PX:
+            return False
+        slice_to_ras = slicer.util.arrayFromVTKMatrix(viewWidget.sliceLogic().GetSliceNode().GetSliceToRAS())
+        axis = geometry.choose_propagation_axis(geometry.ijk_to_world_ras(volume), slice_to_ras).axis
+        prompt_list.rubber_band(slicer.mrmlScene, self.xyToRas(self._press_xy, viewWidget),
+                                self.xyToRas(xy, viewWidget), volume, axis)
+        return False  # the views keep tracking the mouse
+
+    # ---- keyboard shortcuts (effect_options.SHORTCUTS; none is a key the Segment Editor or the views bind) -------
+    def onShortcutKey(self, key_sym) -> bool:
+        """Run the action bound to the key; True (the key is consumed) only when one is bound."""
+        action = effect_options.SHORTCUTS.get(key_sym)
+        if action is None:
+            return False
+        {"propagate": self.onPropagate, "cancel": self._onCancel, "toggle_sign": self.onToggleNextClickSign,
+         "remove_latest_prompt": self.onRemoveLatestPrompt,
+         "next_least_certain": self.onJumpToNextLeastCertain}[action]()
+        return True
+
+    def onToggleNextClickSign(self):
+        self._nextClickNegative = not getattr(self, "_nextClickNegative", False)
+        self.statusLabel.text = _("Next click: negative point.") if self._nextClickNegative else ""
+
+    def takeNextClickNegative(self) -> bool:
+        """Whether the next click's sign is flipped (n); the flip applies to one click only."""
+        negative, self._nextClickNegative = getattr(self, "_nextClickNegative", False), False
+        return negative
+
+    def onJumpToNextLeastCertain(self):
+        """Go to the next slice of the least-certain list (worst first), wrapping around."""
+        count = self.uncertainList.count
+        if not count:
+            self.statusLabel.text = _("No least certain slices yet: propagate first.")
+            return
+        row = (self.uncertainList.currentRow + 1) % count
+        self.uncertainList.setCurrentRow(row)
+        self.onJumpToSlice(self.uncertainList.item(row))
 
     def onJumpToSlice(self, item):
         x, y, z = item.data(qt.Qt.UserRole)

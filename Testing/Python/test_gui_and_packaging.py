@@ -92,8 +92,11 @@ def gui_stubs(monkeypatch):
         ScriptedLoadableModule=type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: None}),
         ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
         ScriptedLoadableModuleTest=type("ScriptedLoadableModuleTest", (), {}))
+    i18n = types.ModuleType("slicer.i18n")  # strict: only what Slicer's i18n has that the code uses
+    i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
+    monkeypatch.setattr(slicer, "i18n", i18n, raising=False)  # slicer.i18n exists only in the app
     for name, module in {
-        "qt": _stub_module("qt"), "ctk": _stub_module("ctk"),
+        "qt": _stub_module("qt"), "ctk": _stub_module("ctk"), "slicer.i18n": i18n,
         "slicer.ScriptedLoadableModule": loadable,
         "SegmentEditorEffects": _stub_module(
             "SegmentEditorEffects", AbstractScriptedSegmentEditorEffect=AbstractScriptedSegmentEditorEffect),
@@ -235,7 +238,7 @@ class FakeSliceWidget(Stub):
         return types.SimpleNamespace(GetSliceNode=lambda: types.SimpleNamespace(GetSliceToRAS=vtk.vtkMatrix4x4))
 
 
-def test_effect_turns_clicks_and_drags_into_prompts(gui_stubs):
+def test_effect_turns_clicks_and_drags_into_prompts(gui_stubs, mrml):  # mrml: the app always has a scene
     import vtk
     from SegmentEditorMedSAM2Lib import SegmentEditorEffect
 
@@ -317,4 +320,4 @@ def test_extensions_index_entry_is_complete():
     entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text())
     assert entry["category"] == "Segmentation"
     assert entry["scm_url"].endswith(".git") and entry["scm_revision"]
-    assert entry["build_dependencies"] == []
+    assert entry["build_dependencies"] == ["PyTorch"]  # the PyTorch extension installs torch for the GPU driver

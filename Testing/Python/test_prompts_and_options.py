@@ -1,0 +1,362 @@
+"""Prompts you can see (list, removal, markers) and the effect's options and shortcuts.
+
+Removal and markers run on real MRML (slicer-core) with the deterministic DiskEngine, so the voxels are known; the
+options go through a stand-in of the scripted effect's parameter calls that does what Slicer's C++ does
+(`qSlicerSegmentEditorAbstractEffect::setParameter` stores "<effect name>.<name>" attributes on the Segment
+Editor node), and the scene is saved and loaded again.
+"""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import slicer
+import vtk
+
+from MedSAM2SlicerLib import effect_options, geometry, prompt_list, scenarios
+from MedSAM2SlicerLib.controller import MedSAM2ActionError
+from MedSAM2SlicerLib.logic import MedSAM2SlicerLogic
+from test_gui_and_packaging import FakeInteractor, FakeSliceWidget, Stub, gui_stubs  # noqa: F401
+
+AXIAL_IJK_TO_RAS = np.diag([1.0, 1.0, 2.0, 1.0])  # I=R, J=A, K=S: 1 x 1 x 2 mm
+
+
+@pytest.fixture
+def segmenting(mrml):
+    """A volume, a segmentation, a logic on the DiskEngine (boxes = their pixels, shrinking 1 px per slice)."""
+    from medsam2_backend.engine import DiskEngine
+
+    volume = scenarios.add_volume(shape_kji=(12, 40, 40), ijk_to_ras=AXIAL_IJK_TO_RAS)
+    segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = MedSAM2SlicerLogic()
+    logic.connect(engine=DiskEngine(radius=4, shrink=1))
+    yield logic, volume, segmentation
+    logic.close()
+
+
+def _box_ras(k, lo, hi):
+    return geometry.ijk_to_ras(np.array([[lo, lo, k], [hi, hi, k]], float), AXIAL_IJK_TO_RAS)
+
+
+def _mask(segmentation, segment_id, volume):
+    return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+
+
+def test_describe_lists_slice_and_kind():
+    prompt = prompt_list.RasPrompt(7, 0, np.zeros((3, 3)), np.array([1, 0, 1]), np.zeros((2, 3)))
+    assert prompt_list.describe(prompt) == "slice 7: box, 2 positive, 1 negative"
+    assert prompt_list.describe(prompt_list.RasPrompt(3, 0, box_corners_ras=np.zeros((2, 3)))) == "slice 3: box"
+
+
+def test_removing_the_latest_prompt_replays_the_rest_and_repropagates_in_one_undo_step(segmenting):
+    logic, volume, segmentation = segmenting
+    segment_id = logic.segment(volume, segmentation, box_ras=_box_ras(6, 10, 25), view="axial", propagate=False)
+    logic.propagate(volume, segmentation, segment_id, direction="forward", stop=9)
+    with_box_only = _mask(segmentation, segment_id, volume)
+    # A negative point on slice 8 then removed: the segment is exactly as before the point.
+    point = geometry.ijk_to_ras(np.array([[17.0, 17.0, 8.0]]), AXIAL_IJK_TO_RAS)
+    logic.segment(volume, segmentation, segment_id, points_ras=point, labels=[0], view="axial", propagate=False)
+    logic.propagate(volume, segmentation, segment_id, direction="forward", stop=9)
+    assert not np.array_equal(_mask(segmentation, segment_id, volume), with_box_only)
+    target = logic.target_for(segmentation, volume)
+    before = _mask(segmentation, segment_id, volume)
+    saved = []
+    original_save = target.save_state_for_undo
+    target.save_state_for_undo = lambda: (saved.append(1), original_save())
+    outcome = prompt_list.remove_prompt(logic.controller, volume, target, segment_id)
+    assert saved == [1]  # clear + replay + re-propagation: one undo step
+    assert outcome.removed.slice_index == 8 and outcome.remaining == 1 and not outcome.reset
+    assert outcome.propagated_slices == 4  # the last propagation (forward from 6 to 9) again: slices 6..9
+    np.testing.assert_array_equal(_mask(segmentation, segment_id, volume), with_box_only)
+    assert [p.slice_index for p in logic.controller.prompts(volume, segment_id)] == [6]
+    target.undo()
+    np.testing.assert_array_equal(_mask(segmentation, segment_id, volume), before)
+
+
+def test_removing_a_prompt_that_was_never_propagated_clears_its_slice_only(segmenting):
+    logic, volume, segmentation = segmenting
+    segment_id = logic.segment(volume, segmentation, box_ras=_box_ras(3, 5, 15), view="axial", propagate=False)
+    logic.segment(volume, segmentation, segment_id, box_ras=_box_ras(9, 20, 30), view="axial", propagate=False)
+    outcome = prompt_list.remove_prompt(logic.controller, volume, logic.target_for(segmentation, volume),
+                                        segment_id, index=0)
+    assert outcome.removed.slice_index == 3 and outcome.propagated_slices == 0
+    mask = _mask(segmentation, segment_id, volume)
+    assert not mask[3].any() and mask[9, 20:31, 20:31].all() and mask.sum() == 11 * 11
+
+
+def test_removing_the_last_prompt_resets_the_segment(segmenting):
+    logic, volume, segmentation = segmenting
+    segment_id = logic.segment(volume, segmentation, box_ras=_box_ras(4, 5, 15), view="axial", propagate=False)
+    outcome = prompt_list.remove_prompt(logic.controller, volume, logic.target_for(segmentation, volume), segment_id)
+    assert outcome.reset and outcome.remaining == 0 and not _mask(segmentation, segment_id, volume).any()
+    assert logic.controller.prompts(volume, segment_id) == []
+    with pytest.raises(MedSAM2ActionError, match="no MedSAM2 prompt to remove"):
+        prompt_list.remove_prompt(logic.controller, volume, logic.target_for(segmentation, volume), segment_id)
+    with pytest.raises(MedSAM2ActionError, match="Place a point or a box"):  # the object is gone: a Reset
+        logic.propagate(volume, segmentation, segment_id)
+
+
+def test_a_replayed_prompt_keeps_its_axis_on_an_oblique_volume(mrml):
+    volume = scenarios.add_volume()  # oblique, flipped, anisotropic
+    for axis in range(3):
+        matrix = prompt_list.slice_to_ras_along(volume, axis)
+        assert np.allclose(matrix[:3, :3].T @ matrix[:3, :3], np.eye(3))
+        choice = geometry.choose_propagation_axis(geometry.ijk_to_world_ras(volume), matrix)
+        assert choice.axis == axis and choice.warning is None
+
+
+def test_markers_show_each_prompt_on_its_slice_hidden_and_not_saved(segmenting, mrml):
+    logic, volume, segmentation = segmenting
+    segment_id = logic.segment(volume, segmentation, box_ras=_box_ras(6, 10, 25), view="axial", propagate=False)
+    points = geometry.ijk_to_ras(np.array([[12.0, 12.0, 6.0], [20.0, 20.0, 6.0]]), AXIAL_IJK_TO_RAS)
+    logic.segment(volume, segmentation, segment_id, points_ras=points, labels=[1, 0], view="axial", propagate=False)
+    made = prompt_list.show_markers(mrml, segmentation, segment_id, logic.controller.prompts(volume, segment_id),
+                                    volume)
+    kinds = sorted((n.GetClassName(), n.GetName()) for n in made)
+    assert kinds == [("vtkMRMLMarkupsFiducialNode", "MedSAM2 negative points"),
+                     ("vtkMRMLMarkupsFiducialNode", "MedSAM2 positive points"),
+                     ("vtkMRMLMarkupsROINode", "MedSAM2 box")]
+    for node in made:
+        assert node.GetHideFromEditors() and not node.GetSaveWithScene() and node.GetLocked()
+        display = node.GetDisplayNode()
+        assert display.GetVisibility2D() and not display.GetVisibility3D() and not display.GetHandlesInteractive()
+    positive = next(n for n in made if n.GetName().endswith("positive points"))
+    np.testing.assert_allclose(positive.GetNthControlPointPosition(0), points[0])
+    assert positive.GetDisplayNode().GetSelectedColor() == pytest.approx(prompt_list.POSITIVE_RGB)
+    box = next(n for n in made if n.GetClassName() == "vtkMRMLMarkupsROINode")
+    bounds = [0.0] * 6
+    box.GetRASBounds(bounds)
+    np.testing.assert_allclose(bounds, [10, 25, 10, 25, 11.5, 12.5])  # slice 6 at S = 12 mm, half a slice thick
+    # Saved scenes do not contain them.
+    mrml.SetSaveToXMLString(1)
+    mrml.Commit()
+    assert "MedSAM2 box" not in mrml.GetSceneXMLString() and segmentation.GetID() in mrml.GetSceneXMLString()
+    # The same prompts again keep the same nodes; changed prompts replace them; no prompt left (a Reset): none.
+    prompts = logic.controller.prompts(volume, segment_id)
+    assert prompt_list.show_markers(mrml, segmentation, segment_id, prompts, volume) == made
+    fewer = prompt_list.show_markers(mrml, segmentation, segment_id, prompts[:1], volume)
+    assert [n.GetClassName() for n in fewer] == ["vtkMRMLMarkupsROINode"] and fewer[0] not in made
+    assert prompt_list.marker_nodes(mrml) == fewer
+    assert len(prompt_list.show_markers(mrml, segmentation, segment_id, [], volume)) == 0
+    assert prompt_list.marker_nodes(mrml) == []
+
+
+def test_the_rubber_band_follows_the_drag_and_goes_away(mrml):
+    volume = scenarios.add_volume(shape_kji=(12, 40, 40), ijk_to_ras=AXIAL_IJK_TO_RAS)
+    first = prompt_list.rubber_band(mrml, [0, 0, 12], [5, 8, 12], volume, axis=0)
+    second = prompt_list.rubber_band(mrml, [0, 0, 12], [10, 20, 12], volume, axis=0)
+    assert first is second and first.GetSize() == pytest.approx([10, 20, 1.0])
+    prompt_list.remove_rubber_band(mrml)
+    assert prompt_list.marker_nodes(mrml) == []
+
+
+# ---- options and shortcuts -----------------------------------------------------------------------------------
+class ScriptedEffectParameters:
+    """The parameter calls of qSlicerSegmentEditorAbstractEffect, on a real vtkMRMLSegmentEditorNode."""
+
+    def __init__(self, node, name="MedSAM2"):
+        self.node, self.name = node, name
+
+    def parameterSetNode(self):
+        return self.node
+
+    def parameterDefined(self, name):
+        return bool(self.node.GetAttribute(f"{self.name}.{name}"))
+
+    def setParameter(self, name, value):
+        self.node.SetAttribute(f"{self.name}.{name}", str(value))
+
+    def setParameterDefault(self, name, value):
+        if not self.parameterDefined(name):
+            self.setParameter(name, value)
+
+    def parameter(self, name):
+        return self.node.GetAttribute(f"{self.name}.{name}") or ""
+
+    def addOptionsWidget(self, widget):
+        pass
+
+    def addLabeledOptionsWidget(self, label, widget):
+        pass
+
+
+class Widget:
+    """A Qt widget's properties the options code uses; blockSignals returns the previous state, as Qt's."""
+
+    def __init__(self, **properties):
+        self.__dict__.update(properties, blocked=False, connections=[])
+
+    def blockSignals(self, block):
+        previous, self.blocked = self.blocked, block
+        return previous
+
+    def connect(self, signal, slot):
+        self.connections.append((signal, slot))
+
+    def disconnect(self, signal, slot):
+        self.connections.remove((signal, slot))
+
+
+def _effect_with_options(gui_stubs, node):  # noqa: F811
+    from SegmentEditorMedSAM2Lib import SegmentEditorEffect
+
+    effect = SegmentEditorEffect(Stub())
+    effect.scriptedEffect = ScriptedEffectParameters(node)
+    effect.directionComboBox = Widget(currentText="both")
+    effect.rangeStartSpinBox, effect.rangeStopSpinBox = Widget(value=-1), Widget(value=-1)
+    effect.stopAfterEmptySpinBox = Widget(value=0)
+    effect.refreshPrompts = lambda: None
+    return effect
+
+
+def test_options_live_in_the_parameter_node_and_survive_save_and_reload(gui_stubs, mrml):  # noqa: F811
+    node = mrml.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    effect = _effect_with_options(gui_stubs, node)
+    effect.setMRMLDefaults()
+    assert {key: node.GetAttribute(f"MedSAM2.{key}") for key in effect_options.DEFAULTS} == {
+        "Direction": "both", "RangeStart": "-1", "RangeStop": "-1", "StopAfterEmpty": "0"}
+    effect.connectOptionsToMRML()
+    assert all(w.connections == [(s, effect.updateMRMLFromGUI)] for w, s, _r, _w in effect._optionWidgets().values())
+    effect.directionComboBox.currentText, effect.rangeStopSpinBox.value, effect.stopAfterEmptySpinBox.value = (
+        "forward", 30, 3)
+    effect.updateMRMLFromGUI()
+    effect.setMRMLDefaults()  # defaults never overwrite what the user chose
+    mrml.SetSaveToXMLString(1)
+    mrml.Commit()
+    xml = mrml.GetSceneXMLString()
+
+    from MedSAM2SlicerLib.mrml_io import headless_scene
+
+    reloaded, _modules = headless_scene()  # its logics register the segmentation node classes
+    reloaded.SetLoadFromXMLString(1)
+    reloaded.SetSceneXMLString(xml)
+    reloaded.Import()
+    loaded_node = reloaded.GetFirstNodeByClass("vtkMRMLSegmentEditorNode")
+    fresh = _effect_with_options(gui_stubs, loaded_node)
+    fresh.updateGUIFromMRML()
+    assert (fresh.directionComboBox.currentText, fresh.rangeStartSpinBox.value, fresh.rangeStopSpinBox.value,
+            fresh.stopAfterEmptySpinBox.value) == ("forward", -1, 30, 3)
+    assert not any(w.blocked for w, _s, _r, _w in fresh._optionWidgets().values())  # signals unblocked again
+    effect.disconnectOptionsFromMRML()
+    assert all(w.connections == [] for w, _s, _r, _w in effect._optionWidgets().values())
+
+
+@pytest.mark.parametrize("name, raw, expected", [
+    ("Direction", "sideways", "both"), ("Direction", "backward", "backward"), ("RangeStop", "12", 12),
+    ("RangeStop", "abc", -1), ("StopAfterEmpty", None, 0), ("RangeStart", "-7", -1), ("RangeStart", "4.0", 4)])
+def test_a_stored_value_that_does_not_parse_falls_back_to_its_default(name, raw, expected):
+    assert effect_options.typed(name, raw) == expected
+
+
+def test_no_shortcut_takes_a_key_slicer_binds_and_the_help_lists_them_all():
+    assert not set(effect_options.SHORTCUTS) & effect_options.TAKEN_BY_SLICER
+    assert set(effect_options.SHORTCUTS.values()) == {"propagate", "cancel", "toggle_sign", "remove_latest_prompt",
+                                                      "next_least_certain"}
+    help_text = effect_options.help_text()
+    for key in ("<b>p</b>", "<b>Enter</b>", "<b>c</b>", "<b>n</b>", "<b>x</b>", "<b>j</b>", "Ctrl+click", "⌘"):
+        assert key in help_text, key
+
+
+def test_shortcut_keys_run_their_actions_and_other_keys_pass_through(gui_stubs, mrml):  # noqa: F811
+    from SegmentEditorMedSAM2Lib import SegmentEditorEffect
+
+    effect = SegmentEditorEffect(Stub())
+    effect.setupOptionsFrame()
+    ran = []
+    for name in ("onPropagate", "_onCancel", "onRemoveLatestPrompt", "onJumpToNextLeastCertain"):
+        setattr(effect, name, lambda name=name: ran.append(name))
+
+    class KeyInteractor(FakeInteractor):
+        def __init__(self, key):
+            super().__init__((0, 0))
+            self.key = key
+
+        def GetKeySym(self):
+            return self.key
+
+    press = vtk.vtkCommand.KeyPressEvent
+    view = FakeSliceWidget()
+    for key in ("p", "Return", "c", "x", "j"):
+        assert effect.processInteractionEvents(KeyInteractor(key), press, view) is True
+    assert ran == ["onPropagate", "onPropagate", "_onCancel", "onRemoveLatestPrompt", "onJumpToNextLeastCertain"]
+    for key in ("z", "Escape", "space", "1", "r", "a"):  # the editor's and the views' own keys go on to them
+        assert effect.processInteractionEvents(KeyInteractor(key), press, view) is False
+    # n: the next click (and only that one) has the other sign; with Ctrl too, it is positive.
+    assert effect.processInteractionEvents(KeyInteractor("n"), press, view) is True
+    assert effect.takeNextClickNegative() is True and effect.takeNextClickNegative() is False
+
+
+def test_next_least_certain_cycles_through_the_list(gui_stubs):  # noqa: F811
+    from SegmentEditorMedSAM2Lib import SegmentEditorEffect
+
+    class ListWidget:
+        def __init__(self, items):
+            self.items, self.currentRow = items, -1
+
+        @property
+        def count(self):
+            return len(self.items)
+
+        def setCurrentRow(self, row):
+            self.currentRow = row
+
+        def item(self, row):
+            return self.items[row]
+
+    effect = SegmentEditorEffect(Stub())
+    effect.statusLabel = types.SimpleNamespace(text="")
+    effect.uncertainList = ListWidget([])
+    effect.onJumpToNextLeastCertain()
+    assert effect.statusLabel.text == "No least certain slices yet: propagate first."
+    effect.uncertainList = ListWidget(["worst", "second"])
+    jumped = []
+    effect.onJumpToSlice = jumped.append
+    for _ in range(3):
+        effect.onJumpToNextLeastCertain()
+    assert jumped == ["worst", "second", "worst"]
+    assert "SegmentEditorEffects" in sys.modules  # the stand-ins were in place
+
+
+def test_dragging_shows_a_rubber_band_that_the_release_turns_into_the_box_prompt(gui_stubs, mrml):  # noqa: F811
+    from SegmentEditorMedSAM2Lib import SegmentEditorEffect
+
+    volume = scenarios.add_volume(shape_kji=(12, 80, 80), ijk_to_ras=AXIAL_IJK_TO_RAS)
+
+    class Parameters:  # the vtkMRMLSegmentEditorNode getters the effect calls
+        def GetSourceVolumeNode(self):
+            return volume
+
+        def GetSegmentationNode(self):
+            return None
+
+        def GetSelectedSegmentID(self):
+            return ""
+
+    class ScriptedEffect(Stub):
+        NotConfirmed, ConfirmedWithoutDialog, ConfirmedWithDialog = 0, 1, 2
+
+        def confirmCurrentSegmentVisible(self):
+            return self.ConfirmedWithoutDialog
+
+        def parameterSetNode(self):
+            return Parameters()
+
+    effect = SegmentEditorEffect(ScriptedEffect())
+    effect.setupOptionsFrame()
+    sent = []
+    effect._run = lambda action: sent.append(action)
+    view = FakeSliceWidget()
+    move = vtk.vtkCommand.MouseMoveEvent
+    assert effect.processInteractionEvents(FakeInteractor((12, 22)), move, view) is False  # no button: nothing
+    assert prompt_list.marker_nodes(mrml) == []
+    effect.processInteractionEvents(FakeInteractor((10, 20)), vtk.vtkCommand.LeftButtonPressEvent, view)
+    assert effect.processInteractionEvents(FakeInteractor((12, 22)), move, view) is False  # within the click radius
+    assert prompt_list.marker_nodes(mrml) == []
+    assert effect.processInteractionEvents(FakeInteractor((40, 60)), move, view) is False  # the view keeps the move
+    (band,) = prompt_list.marker_nodes(mrml, "rubber band")
+    bounds = [0.0] * 6
+    band.GetRASBounds(bounds)
+    np.testing.assert_allclose(bounds[:4], [10, 40, 20, 60])  # the stand-in xyToRas maps (x, y) to (x, y, 7)
+    effect.processInteractionEvents(FakeInteractor((40, 60)), vtk.vtkCommand.LeftButtonReleaseEvent, view)
+    assert prompt_list.marker_nodes(mrml, "rubber band") == [] and len(sent) == 1
