@@ -73,6 +73,12 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
         self.layout.addStretch(1)
         self.onBackendChanged()
         self.onPreprocessingChanged()
+        self.logic.guard.add_observer(self.onBusyChanged)
+
+    def onBusyChanged(self, busy):
+        """While an action runs, Start/Connect would start a second server or close the running session."""
+        for button in (self.ui.startServerButton, self.ui.stopServerButton, self.ui.connectButton):
+            button.enabled = not busy
 
     # ---- settings (keys and defaults: panel_settings.SETTINGS_DEFAULTS) ------------------------------------------
     def panelSettings(self) -> dict:
@@ -123,16 +129,23 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
         options = panel_settings.local_server_options(self.panelSettings())
         self.showStatus("Starting the local MedSAM2 server (loading the model)...")
         try:
+            self.logic.guard.acquire("starting the local server")
+        except MedSAM2ActionError as error:  # processEvents below delivers a second click on Start
+            self.showStatus(str(error))
+            return
+        try:
             info = self.logic.start_local_server(waiting=slicer.app.processEvents, **options)
         except MedSAM2ActionError as error:
             self.showStatus("The local server did not start; its log is below.", log=str(error))
             return
+        finally:
+            self.logic.guard.release()
         self.showStatus(f"Connected ({info.kind}): {info.description}")
         self.onTestConnection()
 
     def onStopLocalServer(self):
-        self.logic.close()
-        self.showStatus("Local server stopped. Not connected.")
+        problems = self.logic.shutdown()
+        self.showStatus("Local server stopped. Not connected." + "".join(f"\n{p}" for p in problems))
 
     def onConnectRemote(self):
         self.saveSettings()
@@ -186,7 +199,10 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
         self.onPreprocessingChanged()
 
     def cleanup(self):
-        self.logic.close()  # stops a local server this panel started
+        """At exit: close sessions and stop a local server this panel started, best effort and quickly."""
+        self.logic.guard.remove_observer(self.onBusyChanged)
+        for problem in self.logic.shutdown():
+            print(f"MedSAM2: {problem}")
 
 
 class MedSAM2SlicerTest(ScriptedLoadableModuleTest):

@@ -199,13 +199,19 @@ class SessionController:
                 entry.session.reset_object(entry.obj_ids.pop(segment_id))
 
     def close(self) -> None:
-        """Close every backend session (frees server memory)."""
+        """Close every backend session (frees server memory): all are tried, the first failure is raised after."""
         sessions, self._sessions = self._sessions, {}
         self._segment_axis.clear()
         self._prompts.clear()
+        failure = None
         for entry in sessions.values():
-            with _as_action_error("Closing the session"):
-                entry.session.close()
+            try:
+                with _as_action_error("Closing the session"):
+                    entry.session.close()
+            except MedSAM2ActionError as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def fingerprint(self, volume_node) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import slicer
 
 from . import geometry
+from .background import ActionGuard
 from .controller import MedSAM2ActionError, PropagationOutcome, SessionController
 from .local_backend import LocalServer, LocalServerError
 from .mrml_io import EditorLogicTarget
@@ -63,6 +64,7 @@ class MedSAM2SlicerLogic:
         self.preprocessing: dict | None = None
         self._targets: dict[str, EditorLogicTarget] = {}  # segmentation node id -> its undo history
         self.local_server: LocalServer | None = None
+        self.guard = ActionGuard()  # the GUI's one-action-at-a-time (the console API does not use it)
 
     def connect(self, url: str | None = None, token: str | None = None, *, checkpoint: str | None = None,
                 engine=None, device: str | None = None) -> ConnectionInfo:
@@ -70,9 +72,12 @@ class MedSAM2SlicerLogic:
         if sum(x is not None for x in (url, checkpoint, engine)) != 1:
             raise MedSAM2ActionError("Connect to exactly one backend: a server URL, a checkpoint, or an engine.")
         if url is not None:
-            from medsam2_client import MedSAM2Client
+            from medsam2_client import MedSAM2Client, errors
 
-            backend, info = MedSAM2Client(url, token), ConnectionInfo("remote", url)
+            try:
+                backend, info = MedSAM2Client(url, token), ConnectionInfo("remote", url)
+            except errors.MedSAM2Error as error:  # e.g. an address without http:// (a sentence already)
+                raise MedSAM2ActionError(str(error)) from error
         elif checkpoint is not None:
             from medsam2_backend.engine import load_engine
 
@@ -175,6 +180,19 @@ class MedSAM2SlicerLogic:
             if self.local_server is not None:
                 self.local_server.stop()
                 self.local_server = None
+
+    def shutdown(self, timeout_s: float = 1.0) -> list[str]:
+        """Close everything at exit, best effort: a short network timeout, every session tried, the local server
+        stopped whatever happened; returns the problems as sentences (for a log) instead of raising."""
+        backend = getattr(self.controller, "backend", None)
+        for name in ("connect_timeout", "timeout"):  # the network client's; an in-process engine has neither
+            if hasattr(backend, name):
+                setattr(backend, name, min(getattr(backend, name), timeout_s))
+        try:
+            self.close()
+        except MedSAM2ActionError as error:
+            return [str(error)]
+        return []
 
     def _require_controller(self) -> SessionController:
         if self.controller is None:

@@ -21,19 +21,38 @@ __all__ = ["SegmentEditorEffect"]
 DRAG_THRESHOLD_PX = 5  # a press and release further apart than this is a box, else a point
 
 
+class SelectionChangedError(MedSAM2ActionError):
+    """The user selected another segmentation, segment or source volume while an action was writing."""
+
+
 class EffectTarget:
-    """Writes through the effect, so the Segment Editor's masking, overwrite and undo apply as for any effect."""
+    """Writes through the effect, so the Segment Editor's masking, overwrite and undo apply as for any effect.
+
+    Pinned to the segmentation, segment and source volume selected when the action started: the effect writes
+    through `modifySelectedSegmentByLabelmap` (the editor's *current* selection), so once the user selects
+    something else (clicks are delivered while an action runs) it refuses to write instead of writing elsewhere.
+    """
 
     def __init__(self, scriptedEffect):
         self.scriptedEffect = scriptedEffect
-        self.segmentation_node = scriptedEffect.parameterSetNode().GetSegmentationNode()
+        self.segmentation_node, self.segment_id, self.source_volume = self._selection()
+
+    def _selection(self):
+        parameters = self.scriptedEffect.parameterSetNode()
+        return (parameters.GetSegmentationNode(), parameters.GetSelectedSegmentID(),
+                parameters.GetSourceVolumeNode())
+
+    def selection_changed(self) -> bool:
+        return self._selection() != (self.segmentation_node, self.segment_id, self.source_volume)
 
     def save_state_for_undo(self):
         self.scriptedEffect.saveStateForUndo()
 
     def modify(self, segment_id, labelmap, mode, extent_ijk):
-        # The effect always edits the selected segment; the controller only ever passes that one.
-        assert segment_id == self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
+        if segment_id != self.segment_id or self.selection_changed():
+            raise SelectionChangedError("The selected segmentation, segment or source volume changed while "
+                                        "MedSAM2 was writing, so it stopped; what it wrote before stays "
+                                        "(Undo removes it).")
         modes = {"add": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
                  "remove": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove}
         # The (labelmap, mode, QList<int> extent) overload; the extent is in the labelmap's own IJK index space.
@@ -47,6 +66,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self._press_xy = None
+        self._running = None  # the EffectTarget of the action this effect runs, pinned to its selection
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -94,6 +114,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
+        shared_logic().guard.add_observer(self._onBusyChanged)
 
     def cleanup(self):
         """Disconnect this object's Qt connections so the effect can be deleted (Slicer issue #7392)."""
@@ -102,9 +123,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.propagateButton.disconnect("clicked()", self.onPropagate)
         self.cancelButton.disconnect("clicked()", self._onCancel)
         self.uncertainList.disconnect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
+        shared_logic().guard.remove_observer(self._onBusyChanged)
 
     def deactivate(self):
+        """Switching to another effect hides Cancel: so an action this effect started is cancelled here."""
         self._press_xy = None
+        if self._running is not None:
+            self._onCancel()
+
+    def _onBusyChanged(self, busy):
+        self.propagateButton.enabled = not busy
 
     @staticmethod
     def _onCancel():
@@ -126,6 +154,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """Returns True to abort the event (the views' own handling, e.g. window/level on left-drag, is skipped)."""
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
+        if shared_logic().guard.running is not None and eventId in (
+                vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent):
+            # A click queued while an action runs would nest a prompt into it: swallow it (and the view's own use).
+            self._press_xy = None
+            self.statusLabel.text = f"MedSAM2 is busy ({shared_logic().guard.running}); that click was ignored."
+            return True
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
             if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
                 return False  # leave Slicer's own modified clicks/drags (e.g. Ctrl+Alt+drag rotates) alone
@@ -145,18 +179,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         else:
             prompt = {"points_ras": [self.xyToRas(release_xy, viewWidget)],
                       "labels": [0 if callerInteractor.GetControlKey() else 1]}
-        self._run(lambda controller, volume, segment_id: controller.add_prompt(
-            volume, EffectTarget(self.scriptedEffect), segment_id, slice_to_ras=slice_to_ras, **prompt))
+        self._run("placing a prompt", lambda controller, volume, target: controller.add_prompt(
+            volume, target, target.segment_id, slice_to_ras=slice_to_ras, **prompt))
         return True
 
     def onPropagate(self):
         def progress(done, planned):
             self.progressBar.maximum, self.progressBar.value = planned, done
             slicer.app.processEvents()  # keeps Cancel responsive and shows slices as they arrive
+            if self._running is not None and self._running.selection_changed():
+                shared_logic().controller.cancel()  # stop now; the target refuses the remaining writes
 
         start, stop = (None if box.value < 0 else box.value for box in (self.rangeStartSpinBox, self.rangeStopSpinBox))
-        outcome = self._run(lambda controller, volume, segment_id: controller.propagate(
-            volume, EffectTarget(self.scriptedEffect), segment_id, direction=self.directionComboBox.currentText,
+        outcome = self._run("propagating", lambda controller, volume, target: controller.propagate(
+            volume, target, target.segment_id, direction=self.directionComboBox.currentText,
             start=start, stop=stop, stop_after_empty=self.stopAfterEmptySpinBox.value or None, progress=progress))
         if outcome is None:
             return
@@ -171,17 +207,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         x, y, z = item.data(qt.Qt.UserRole)
         slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
 
-    def _run(self, action):
-        """Run one controller action for the selected volume/segment; show its error as one sentence."""
+    def _run(self, what, action):
+        """Run one controller action on the selected volume/segment, pinned to them and exclusive (clicks are
+        delivered while it runs); show its error as one sentence."""
         logic = shared_logic()
-        parameters = self.scriptedEffect.parameterSetNode()
-        volume, segment_id = parameters.GetSourceVolumeNode(), parameters.GetSelectedSegmentID()
         try:
             if logic.controller is None:
                 raise MedSAM2ActionError("Not connected: open the MedSAM2 module and connect first.")
-            if parameters.GetSegmentationNode() is None or volume is None or not segment_id:
+            target = EffectTarget(self.scriptedEffect)
+            if target.segmentation_node is None or target.source_volume is None or not target.segment_id:
                 raise MedSAM2ActionError("Select a segmentation, a source volume and a segment first.")
-            result = action(logic.controller, volume, segment_id)
+            logic.guard.acquire(what)
+            self._running = target
+            try:
+                result = action(logic.controller, target.source_volume, target)
+            finally:
+                self._running = None
+                logic.guard.release()
         except MedSAM2ActionError as error:
             self.statusLabel.text = str(error)
             return None

@@ -1,0 +1,164 @@
+"""The effect in a real (slicer-core) scene: real segment editor node, segmentation, slice node and interactor.
+
+Only the Qt layer is a stand-in (strict: `slicer_standins`); writes go through vtkSlicerSegmentEditorLogic, which
+Slicer >= 5.10's effect write calls. Queued user events are what `slicer.app.processEvents()` delivers.
+"""
+
+import numpy as np
+import pytest
+import slicer
+import slicer_standins as standins
+import vtk
+from slicer_standins import fire, gui_stubs  # noqa: F401  (a fixture)
+
+from medsam2_backend.engine import DiskEngine
+from MedSAM2SlicerLib import mrml_io
+
+SHAPE_KJI = (12, 32, 32)
+
+
+class Editor:
+    """One volume, a segmentation with segments 'a' and 'b', an editor node selecting 'a', an axial view at k=5."""
+
+    def __init__(self):
+        self.volume = slicer.util.addVolumeFromArray(np.zeros(SHAPE_KJI, np.int16), name="CT")
+        self.segmentation = self.new_segmentation("Segmentation")
+        self.logic = mrml_io.new_editor_logic(self.segmentation, self.volume)
+        self.node = self.logic.GetSegmentEditorNode()
+        self.node.SetSelectedSegmentID("a")
+        slice_node = slicer.vtkMRMLSliceNode()
+        slice_node.SetName("Red")
+        slice_node.SetLayoutName("Red")
+        slicer.mrmlScene.AddNode(slice_node)
+        slice_node.SetDimensions(32, 32, 1)
+        slice_node.SetFieldOfView(32, 32, 1)
+        self.slice_node = slice_node
+        self.set_view(np.eye(3), (16.0, 16.0, 5.0))
+        slice_logic = slicer.vtkMRMLSliceLogic()
+        slice_logic.SetMRMLScene(slicer.mrmlScene)
+        slice_logic.SetSliceNode(slice_node)
+        self.view = standins.SliceWidget(slice_logic)
+
+    def set_view(self, rotation, center_ras):
+        matrix = np.eye(4)
+        matrix[:3, :3], matrix[:3, 3] = rotation, center_ras
+        self.slice_node.GetSliceToRAS().DeepCopy(matrix.ravel())
+        self.slice_node.UpdateMatrices()
+
+    @staticmethod
+    def new_segmentation(name):
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        for segment_id in ("a", "b"):
+            segmentation.GetSegmentation().AddEmptySegment(segment_id, segment_id)
+        return segmentation
+
+    def voxels(self, segment_id, segmentation=None):
+        segmentation = segmentation or self.segmentation
+        return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, self.volume)
+
+
+@pytest.fixture
+def editor(mrml, gui_stubs):
+    from MedSAM2SlicerLib.logic import shared_logic
+
+    editor = Editor()
+    shared_logic().connect(engine=DiskEngine(radius=4, shrink=1))
+    yield editor
+
+
+@pytest.fixture
+def effect(editor):
+    from SegmentEditorMedSAM2Lib import SegmentEditorEffect
+
+    scripted = standins.ScriptedEffect(editor.logic)
+    effect = SegmentEditorEffect(scripted)
+    effect.setupOptionsFrame()
+    yield effect
+    effect.cleanup()
+
+
+def interactor(xy, control=False, shift=False, alt=False):
+    """A real vtkRenderWindowInteractor carrying one event's position and modifier keys."""
+    rwi = vtk.vtkRenderWindowInteractor()
+    rwi.SetEventPosition(*xy)
+    rwi.SetControlKey(int(control))
+    rwi.SetShiftKey(int(shift))
+    rwi.SetAltKey(int(alt))
+    return rwi
+
+
+def click(effect, view, xy, release_xy=None, control=False, event=vtk.vtkCommand.LeftButtonPressEvent):
+    pressed = effect.processInteractionEvents(interactor(xy, control), event, view)
+    released = effect.processInteractionEvents(interactor(release_xy or xy, control),
+                                               vtk.vtkCommand.LeftButtonReleaseEvent, view)
+    return pressed, released
+
+
+def prompts(editor, segment_id="a"):
+    from MedSAM2SlicerLib.logic import shared_logic
+
+    return shared_logic().controller.prompts(editor.volume, segment_id)
+
+
+def test_click_writes_the_slice_and_propagate_the_volume_with_one_undo_step(editor, effect):
+    assert effect.processInteractionEvents(interactor((16, 16)), vtk.vtkCommand.LeftButtonPressEvent,
+                                           standins.ThreeDWidget()) is False  # slice views only
+    assert click(effect, editor.view, (16, 16)) == (True, True)  # aborted: no window/level on the drag
+    voxels = editor.voxels("a")
+    assert voxels[5, 16, 16] and voxels[5].sum() == np.count_nonzero(
+        (np.arange(32)[:, None] - 16) ** 2 + (np.arange(32)[None] - 16) ** 2 <= 16)
+    assert not voxels[4].any() and prompts(editor)[0].slice_index == 5
+    click(effect, editor.view, (16, 16), control=True)  # Ctrl+click: a negative point cuts the disk
+    assert not editor.voxels("a")[5, 16, 16]
+    click(effect, editor.view, (10, 10), release_xy=(20, 22))  # a drag: a box
+    assert editor.voxels("a")[5, 10:23, 10:21].all()
+    fire(effect.propagateButton, "clicked()")
+    voxels = editor.voxels("a")
+    assert voxels[4].any() and voxels[6].any() and "slices" in effect.statusLabel.text
+    assert effect.uncertainList.count() > 0 and effect.propagateButton.enabled
+
+
+def test_a_hidden_segment_declined_drops_the_click(editor, effect):
+    object.__setattr__(effect.scriptedEffect, "_confirm", standins.ScriptedEffect.NotConfirmed)
+    assert click(effect, editor.view, (16, 16)) == (True, False)
+    assert not editor.voxels("a").any()
+    assert effect.processInteractionEvents(interactor((16, 16), alt=True), vtk.vtkCommand.LeftButtonPressEvent,
+                                           editor.view) is False  # Slicer's own Alt/Shift gestures stay
+
+
+def propagate_with_events(editor, effect, *events):
+    """Prompt, then propagate while the user's `events` are delivered by processEvents (once, mid-way)."""
+    click(effect, editor.view, (16, 16))
+    slicer.app.pending_events.extend(events)
+    fire(effect.propagateButton, "clicked()")
+    return effect.statusLabel.text
+
+
+def test_selecting_another_segment_during_propagation_stops_it_and_writes_nothing_there(editor, effect):
+    status = propagate_with_events(editor, effect, lambda: editor.node.SetSelectedSegmentID("b"))
+    assert "changed while MedSAM2 was writing" in status
+    assert not editor.voxels("b").any()
+    assert editor.voxels("a")[5].any()
+
+
+def test_selecting_another_segmentation_with_the_same_segment_id_writes_nothing_there(editor, effect):
+    other = editor.new_segmentation("Other")  # its segments are "a" and "b" too
+    status = propagate_with_events(editor, effect, lambda: editor.node.SetAndObserveSegmentationNode(other))
+    assert "changed while MedSAM2 was writing" in status
+    assert not editor.voxels("a", other).any()
+
+
+def test_a_click_during_propagation_is_swallowed_not_nested(editor, effect):
+    nested = []
+    status = propagate_with_events(editor, effect, lambda: nested.append(click(effect, editor.view, (8, 8))))
+    assert nested == [(True, True)]  # swallowed: no prompt and no window/level either
+    assert len(prompts(editor)) == 1 and "slices" in status
+    assert not editor.voxels("a")[5, 8, 8]
+
+
+def test_propagate_is_disabled_and_refused_while_running_and_deactivate_cancels(editor, effect):
+    states = []
+    status = propagate_with_events(editor, effect, lambda: states.append(effect.propagateButton.enabled),
+                                   lambda: fire(effect.propagateButton, "clicked()"), effect.deactivate)
+    assert states == [False] and status.startswith("Cancelled")
+    assert effect.propagateButton.enabled
