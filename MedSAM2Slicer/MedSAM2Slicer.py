@@ -30,6 +30,12 @@ class MedSAM2Slicer(ScriptedLoadableModule):
                            "'MedSAM2' effect in the Segment Editor: click or drag a box on a slice, then propagate.")
         parent.acknowledgementText = "Uses SAM-2 (Meta, Apache-2.0) and MedSAM2 checkpoints (CC-BY-SA-4.0)."
         slicer.app.connect("startupCompleted()", register_effect)
+        slicer.app.connect("startupCompleted()", watch_scene)
+
+
+def watch_scene():
+    """Close Scene and node removal drop the sessions and prompts of the nodes gone (MRML reuses node ids)."""
+    shared_logic().watch_scene(slicer.mrmlScene)
 
 
 def register_effect():

@@ -213,6 +213,29 @@ class SessionController:
         if failure is not None:
             raise failure
 
+    def forget_volume(self, volume_id: str | None = None) -> None:
+        """Drop what is known of a volume (every volume when None): its sessions (closed), prompts, fingerprint.
+
+        For a node that left the scene: MRML reuses node ids after Close Scene, so a volume loaded later under the
+        same id must not inherit these. All sessions are tried; the first failure to close is raised after.
+        """
+        def gone(key):
+            return volume_id is None or key[0] == volume_id
+
+        for table in (self._segment_axis, self._prompts, self._fingerprints):
+            for key in [k for k in table if gone((k,) if isinstance(k, str) else k)]:
+                del table[key]
+        sessions = [self._sessions.pop(key) for key in [k for k in self._sessions if gone(k)]]
+        failure = None
+        for entry in sessions:
+            try:
+                with _as_action_error("Closing the session"):
+                    entry.session.close()
+            except MedSAM2ActionError as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
+
     # ---- helpers ----------------------------------------------------------------------------------------------
     def fingerprint(self, volume_node) -> str:
         """The wire format's identity of the voxels (what the server knows volumes by), recomputed only when the

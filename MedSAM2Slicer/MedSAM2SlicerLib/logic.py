@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 import slicer
+import vtk
 
 from . import geometry
 from .background import ActionGuard
@@ -180,6 +181,32 @@ class MedSAM2SlicerLogic:
             if self.local_server is not None:
                 self.local_server.stop()
                 self.local_server = None
+
+    def watch_scene(self, scene) -> None:
+        """Forget sessions and prompts of nodes that leave `scene`, and everything when the scene is closed.
+
+        MRML reuses node ids after Close Scene (`vtkMRMLScene::Clear` resets its id counters), and everything here
+        is keyed by node id: without this, data loaded after a close would inherit the old prompts.
+        """
+        scene.AddObserver(slicer.vtkMRMLScene.EndCloseEvent, lambda caller, event: self._forget(None))
+        scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, self._on_node_removed)
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def _on_node_removed(self, caller, event, node):
+        if node.IsA("vtkMRMLSegmentationNode"):
+            self._targets.pop(node.GetID(), None)
+        elif node.IsA("vtkMRMLVolumeNode"):
+            self._forget(node.GetID())
+
+    def _forget(self, volume_id):
+        """`volume_id` None: the scene was closed. Runs in an MRML observer, which must not raise."""
+        if volume_id is None:
+            self._targets.clear()
+        if self.controller is not None:
+            try:
+                self.controller.forget_volume(volume_id)
+            except MedSAM2ActionError as error:  # a server gone away: its sessions are gone too
+                print(f"MedSAM2: {error}")
 
     def shutdown(self, timeout_s: float = 1.0) -> list[str]:
         """Close everything at exit, best effort: a short network timeout, every session tried, the local server
