@@ -154,13 +154,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """Returns True to abort the event (the views' own handling, e.g. window/level on left-drag, is skipped)."""
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
-        if shared_logic().guard.running is not None and eventId in (
-                vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent):
+        presses = (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonDoubleClickEvent)
+        if shared_logic().guard.running is not None and eventId in (*presses, vtk.vtkCommand.LeftButtonReleaseEvent):
             # A click queued while an action runs would nest a prompt into it: swallow it (and the view's own use).
             self._press_xy = None
             self.statusLabel.text = f"MedSAM2 is busy ({shared_logic().guard.running}); that click was ignored."
             return True
-        if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+        # Slicer's VTK sends LeftButtonDoubleClickEvent instead of the second press of a quick double click;
+        # unhandled it maximizes the view (vtkMRMLSliceIntersectionWidget), with Ctrl it resets window/level. Two
+        # quick clicks are two prompts, so it is a press here (the Draw effect also handles it, as "finish").
+        if eventId in presses:
             if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
                 return False  # leave Slicer's own modified clicks/drags (e.g. Ctrl+Alt+drag rotates) alone
             confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()

@@ -126,6 +126,16 @@ def test_a_hidden_segment_declined_drops_the_click(editor, effect):
                                            editor.view) is False  # Slicer's own Alt/Shift gestures stay
 
 
+def test_two_quick_clicks_are_two_prompts(editor, effect):
+    """Slicer's VTK: press, release, *double click* (instead of the second press), release."""
+    double = vtk.vtkCommand.LeftButtonDoubleClickEvent
+    click(effect, editor.view, (8, 8))
+    assert click(effect, editor.view, (24, 24), event=double) == (True, True)  # aborted: the view stays as it is
+    assert len(prompts(editor)) == 2 and editor.voxels("a")[5, 24, 24] and editor.voxels("a")[5, 8, 8]
+    assert click(effect, editor.view, (24, 24), control=True, event=double) == (True, True)  # no W/L reset
+    assert prompts(editor)[-1].labels.tolist() == [0] and not editor.voxels("a")[5, 24, 24]
+
+
 def propagate_with_events(editor, effect, *events):
     """Prompt, then propagate while the user's `events` are delivered by processEvents (once, mid-way)."""
     click(effect, editor.view, (16, 16))
