@@ -127,7 +127,8 @@ class MedSAM2SlicerLogic:
                 labels=None, box_ras=None, roi_node=None, view="axial", propagate: bool = True,
                 direction: str = "both", start=None, stop=None, stop_after_empty=None, postprocess=(),
                 progress=None) -> str:
-        """Prompt one slice (points and/or a box as 2 RAS corners or an ROI node) and optionally propagate.
+        """Prompt one slice (points and/or a box: 2 opposite RAS corners of a rectangle in the view, or more
+        corners, whose bounding rectangle on the slice is the box; or an ROI node) and optionally propagate.
 
         `view` is the view the prompt belongs to ('axial', 'sagittal', 'coronal' or a 4x4 slice-to-RAS); it
         picks the propagation axis. Returns the id of the segment written (created when `segment_id` is None).
@@ -140,6 +141,8 @@ class MedSAM2SlicerLogic:
             raise MedSAM2ActionError(f"The segmentation has no segment with id {segment_id!r}.")
         if roi_node is not None:
             box_ras = geometry.roi_corners_ras(roi_node)
+        elif box_ras is not None:  # two corners of a rectangle in the view, not in the volume's grid
+            box_ras = geometry.view_rectangle_corners(box_ras, geometry.view_slice_to_ras(view))
         controller.add_prompt(volume_node, target, segment_id, points_ras=points_ras, labels=labels,
                               box_corners_ras=box_ras, slice_to_ras=geometry.view_slice_to_ras(view))
         if propagate:

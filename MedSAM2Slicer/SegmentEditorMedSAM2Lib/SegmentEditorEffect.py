@@ -178,7 +178,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         press_xy, release_xy, self._press_xy = self._press_xy, callerInteractor.GetEventPosition(), None
         slice_to_ras = slicer.util.arrayFromVTKMatrix(viewWidget.sliceLogic().GetSliceNode().GetSliceToRAS())
         if np.hypot(release_xy[0] - press_xy[0], release_xy[1] - press_xy[1]) > DRAG_THRESHOLD_PX:
-            prompt = {"box_corners_ras": [self.xyToRas(press_xy, viewWidget), self.xyToRas(release_xy, viewWidget)]}
+            # All four corners of the rectangle on screen: on a volume rotated in the view plane two are not enough.
+            corners_xy = [press_xy, (release_xy[0], press_xy[1]), release_xy, (press_xy[0], release_xy[1])]
+            prompt = {"box_corners_ras": [self.xyToRas(xy, viewWidget) for xy in corners_xy]}
         else:
             prompt = {"points_ras": [self.xyToRas(release_xy, viewWidget)],
                       "labels": [0 if callerInteractor.GetControlKey() else 1]}

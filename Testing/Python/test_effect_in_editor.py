@@ -172,3 +172,51 @@ def test_propagate_is_disabled_and_refused_while_running_and_deactivate_cancels(
                                    lambda: fire(effect.propagateButton, "clicked()"), effect.deactivate)
     assert states == [False] and status.startswith("Cancelled")
     assert effect.propagateButton.enabled
+
+
+def rotate_in_plane(volume, degrees, center_ras):
+    """Rotate a volume's grid about the view normal (z) around `center_ras`, its voxels as they are."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    rotation = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    directions = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for col in range(3):
+            directions.SetElement(r, col, rotation[r, col])
+    volume.SetIJKToRASDirectionMatrix(directions)
+    center = np.asarray(center_ras, float)
+    volume.SetOrigin(*(center - rotation @ np.array([center[0], center[1], 0.0])))
+
+
+def voxels_inside_ras_square(volume, k, low, high):
+    """(J, I) of slice k whose voxel centres lie inside the RAS square [low, high]^2 (the user's box)."""
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = slicer.util.arrayFromVTKMatrix(matrix)
+    dims = volume.GetImageData().GetDimensions()
+    j, i = np.mgrid[: dims[1], : dims[0]]
+    ras = ijk_to_ras @ np.stack([i.ravel(), j.ravel(), np.full(i.size, k), np.ones(i.size)])
+    inside = (ras[0] >= low) & (ras[0] <= high) & (ras[1] >= low) & (ras[1] <= high)
+    return inside.reshape(j.shape)
+
+
+def test_a_box_drawn_on_a_volume_rotated_in_plane_covers_the_drawn_square(editor, effect):
+    rotate_in_plane(editor.volume, 25, (16.0, 16.0, 0.0))
+    click(effect, editor.view, (10, 10), release_xy=(22, 22))  # a 12 x 12 mm square on screen
+    inside = voxels_inside_ras_square(editor.volume, 5, 10.0, 22.0)
+    written = editor.voxels("a")[5].astype(bool)
+    assert inside.sum() > 120 and not (inside & ~written).any(), f"{(inside & ~written).sum()} voxels missed"
+
+
+def test_a_console_box_on_a_volume_rotated_in_plane_covers_the_drawn_square(mrml):
+    from MedSAM2SlicerLib.logic import MedSAM2SlicerLogic
+
+    volume = slicer.util.addVolumeFromArray(np.zeros((20, 40, 40), np.int16))
+    rotate_in_plane(volume, 25, (20.0, 20.0, 0.0))
+    segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = MedSAM2SlicerLogic()
+    logic.connect(engine=DiskEngine())
+    segment_id = logic.segment(volume, segmentation, box_ras=[[14.0, 14.0, 10.0], [26.0, 26.0, 10.0]],
+                               view="axial", propagate=False)
+    inside = voxels_inside_ras_square(volume, 10, 14.0, 26.0)
+    written = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)[10].astype(bool)
+    assert inside.sum() > 120 and not (inside & ~written).any(), f"{(inside & ~written).sum()} voxels missed"
