@@ -10,11 +10,11 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from medsam2_client.protocol import DIRECTIONS
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from MedSAM2SlicerLib.controller import MedSAM2ActionError
+from MedSAM2SlicerLib.controller import MedSAM2ActionError  # first: it puts the extension's own client on the path
 from MedSAM2SlicerLib.logic import shared_logic
+from medsam2_client.protocol import DIRECTIONS  # noqa: I001  (after MedSAM2SlicerLib, on purpose)
 
 __all__ = ["SegmentEditorEffect"]
 
