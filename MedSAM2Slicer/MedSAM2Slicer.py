@@ -10,7 +10,7 @@ import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
                                            ScriptedLoadableModuleWidget)
 
-from MedSAM2SlicerLib import panel_settings
+from MedSAM2SlicerLib import panel_settings, volume_settings
 from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import MedSAM2SlicerLogic, describe_capabilities, shared_logic
 
@@ -193,16 +193,19 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
         self.saveSettings()
 
     def onUseDisplayWindow(self):
-        """Copy the window/level of the volume in the red view (its voxels are untouched) into level/width."""
-        slice_widget = slicer.app.layoutManager().sliceWidget("Red")  # None when the layout has no red view
-        volume = slice_widget.sliceLogic().GetBackgroundLayer().GetVolumeNode() if slice_widget else None
-        window = panel_settings.display_window(volume)
-        if window is None:
-            self.showStatus("Show a volume in the red slice view to use its display window.")
+        """Give the Segment Editor's source volume its own display window as its level/width (voxels untouched).
+
+        Per volume (an attribute saved with the scene): other volumes keep the panel's default. Assumes the Segment
+        Editor module's parameter node is the scene's singleton tagged "SegmentEditor" (Slicer's SegmentEditor.py).
+        """
+        editor = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+        volume = editor.GetSourceVolumeNode() if editor is not None else None
+        preprocessing = volume_settings.use_display_window(volume) if volume is not None else None
+        if preprocessing is None:
+            self.showStatus("Select a source volume in the Segment Editor to use its display window.")
             return
-        self.ui.windowLevelSpinBox.value, self.ui.windowWidthSpinBox.value = window
-        self.ui.intensityModeComboBox.currentIndex = list(panel_settings.INTENSITY_MODES).index("ct_window")
-        self.onPreprocessingChanged()
+        self.showStatus(f"{volume.GetName()}: {volume_settings.describe(preprocessing)}, from its display window "
+                        "(this volume only, saved with the scene; the others use the settings below).")
 
     def cleanup(self):
         """At exit: close sessions and stop a local server this panel started, best effort and quickly."""

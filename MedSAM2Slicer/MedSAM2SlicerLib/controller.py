@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import geometry
+from . import geometry, volume_settings
 from .mrml_io import SliceBatchWriter
 
 
@@ -258,14 +258,15 @@ class SessionController:
         if entry is not None and entry.fingerprint != fingerprint:
             self._drop_session(volume_node, key)
             entry = None
+        preprocessing = volume_settings.preprocessing_for(volume_node, self.preprocessing)  # its own, else ours
         if entry is None:
             session = self.backend.open_session(geometry.volume_array_kji(volume_node),
-                                                geometry.spacing_kji(volume_node), axis, self.preprocessing,
+                                                geometry.spacing_kji(volume_node), axis, preprocessing,
                                                 fingerprint=fingerprint)
-            entry = self._sessions[key] = _OpenSession(fingerprint, axis, session, self.preprocessing)
-        elif entry.preprocessing != self.preprocessing:
-            entry.session.set_preprocessing(self.preprocessing)
-            entry.preprocessing = self.preprocessing
+            entry = self._sessions[key] = _OpenSession(fingerprint, axis, session, preprocessing)
+        elif entry.preprocessing != preprocessing:
+            entry.session.set_preprocessing(preprocessing)
+            entry.preprocessing = preprocessing
         return entry
 
     def _drop_session(self, volume_node, key) -> None:

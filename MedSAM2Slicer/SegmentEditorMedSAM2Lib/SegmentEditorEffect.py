@@ -12,7 +12,8 @@ import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from MedSAM2SlicerLib.controller import MedSAM2ActionError  # first: it puts the extension's own client on the path
+from MedSAM2SlicerLib import volume_settings  # first: it puts the extension's own client on the path
+from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import shared_logic
 from medsam2_client.protocol import DIRECTIONS  # noqa: I001  (after MedSAM2SlicerLib, on purpose)
 
@@ -111,10 +112,24 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.uncertainList.toolTip = "Least certain slices, worst first (click one to go there and correct it)"
         self.uncertainList.connect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
         self.scriptedEffect.addLabeledOptionsWidget("Check:", self.uncertainList)
+        self.intensityLabel = qt.QLabel()
+        self.intensityLabel.toolTip = "How the source volume's intensities are scaled for the model (per volume)"
+        self.scriptedEffect.addLabeledOptionsWidget("Intensity:", self.intensityLabel)
+        self.displayWindowButton = qt.QPushButton("Use its display window")
+        self.displayWindowButton.toolTip = ("Scale this volume as it is displayed now (its own window/level); "
+                                            "saved with the scene")
+        self.displayWindowButton.connect("clicked()", self.onUseDisplayWindow)
+        self.defaultIntensityButton = qt.QPushButton("Use the panel's default")
+        self.defaultIntensityButton.connect("clicked()", self.onUseDefaultIntensity)
+        intensity_buttons = qt.QHBoxLayout()
+        intensity_buttons.addWidget(self.displayWindowButton)
+        intensity_buttons.addWidget(self.defaultIntensityButton)
+        self.scriptedEffect.addOptionsWidget(intensity_buttons)
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
         shared_logic().guard.add_observer(self._onBusyChanged)
+        self.updateIntensityLabel()
 
     def cleanup(self):
         """Disconnect this object's Qt connections so the effect can be deleted (Slicer issue #7392)."""
@@ -123,7 +138,42 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.propagateButton.disconnect("clicked()", self.onPropagate)
         self.cancelButton.disconnect("clicked()", self._onCancel)
         self.uncertainList.disconnect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
+        self.displayWindowButton.disconnect("clicked()", self.onUseDisplayWindow)
+        self.defaultIntensityButton.disconnect("clicked()", self.onUseDefaultIntensity)
         shared_logic().guard.remove_observer(self._onBusyChanged)
+
+    def activate(self):
+        self.updateIntensityLabel()
+
+    def sourceVolumeNodeChanged(self):
+        """Called by the Segment Editor when the user picks another source volume."""
+        self.updateIntensityLabel()
+
+    def _source_volume(self):
+        parameters = self.scriptedEffect.parameterSetNode()  # None until the editor has given the effect one
+        return parameters.GetSourceVolumeNode() if parameters is not None else None
+
+    def updateIntensityLabel(self):
+        volume = self._source_volume()
+        if volume is None:
+            self.intensityLabel.text = ""
+            return
+        own = volume_settings.has_own(volume)
+        preprocessing = volume_settings.preprocessing_for(volume, shared_logic().preprocessing)
+        self.intensityLabel.text = (f"{volume_settings.describe(preprocessing)} "
+                                    f"({'this volume' if own else 'the panel default'})")
+
+    def onUseDisplayWindow(self):
+        volume = self._source_volume()
+        if volume is None or volume_settings.use_display_window(volume) is None:
+            self.statusLabel.text = "Select a source volume that is shown in a view to use its display window."
+        self.updateIntensityLabel()
+
+    def onUseDefaultIntensity(self):
+        volume = self._source_volume()
+        if volume is not None:
+            volume_settings.use_default(volume)
+        self.updateIntensityLabel()
 
     def deactivate(self):
         """Switching to another effect hides Cancel: so an action this effect started is cancelled here."""

@@ -419,7 +419,7 @@ class ScriptedEffect(QObject):
         object.__setattr__(self, "_options", [])
 
     def parameterSetNode(self):
-        return self._logic.GetSegmentEditorNode()
+        return self._logic.GetSegmentEditorNode() if self._logic is not None else None
 
     def addOptionsWidget(self, widget):
         self._options.append(widget)

@@ -220,3 +220,43 @@ def test_a_console_box_on_a_volume_rotated_in_plane_covers_the_drawn_square(mrml
     inside = voxels_inside_ras_square(volume, 10, 14.0, 26.0)
     written = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)[10].astype(bool)
     assert inside.sum() > 120 and not (inside & ~written).any(), f"{(inside & ~written).sum()} voxels missed"
+
+
+def test_each_volume_keeps_its_own_intensity_settings_from_its_own_display_window(editor, effect):
+    from MedSAM2SlicerLib.logic import shared_logic
+
+    logic = shared_logic()
+    logic.set_preprocessing({"preset": "soft_tissue"})  # the panel's default
+    opened = []
+    open_session = logic.controller.backend.open_session
+    logic.controller.backend.open_session = lambda *args, **kw: opened.append(args[3]) or open_session(*args, **kw)
+    ct, mr = editor.volume, slicer.util.addVolumeFromArray(np.zeros(SHAPE_KJI, np.int16), name="MR")
+    for volume, (window, level) in ((ct, (1500.0, -600.0)), (mr, (300.0, 150.0))):
+        volume.CreateDefaultDisplayNodes()
+        volume.GetDisplayNode().AutoWindowLevelOff()
+        volume.GetDisplayNode().SetWindowLevel(window, level)
+    effect.activate()
+    assert effect.intensityLabel.text == "CT preset soft_tissue (the panel default)"
+    fire(effect.displayWindowButton, "clicked()")  # the CT's own window, not whatever the red view shows
+    assert effect.intensityLabel.text == "CT window -600 / 1500 (this volume)"
+    click(effect, editor.view, (16, 16))
+    editor.logic.SetSourceVolumeNode(mr)  # as the editor widget does
+    effect.sourceVolumeNodeChanged()
+    assert effect.intensityLabel.text == "CT preset soft_tissue (the panel default)"
+    click(effect, editor.view, (16, 16))
+    assert opened == [{"level": -600.0, "width": 1500.0}, {"preset": "soft_tissue"}]
+
+    slicer.mrmlScene.SetSaveToXMLString(1)  # saved with the scene: read back from the scene's own file
+    slicer.mrmlScene.Commit()
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetLoadFromXMLString(1)
+    reloaded.SetSceneXMLString(slicer.mrmlScene.GetSceneXMLString())
+    reloaded.Import()
+    from MedSAM2SlicerLib import volume_settings
+
+    assert volume_settings.preprocessing_for(reloaded.GetFirstNodeByName("CT"), None) == {"level": -600.0,
+                                                                                         "width": 1500.0}
+    assert volume_settings.preprocessing_for(reloaded.GetFirstNodeByName("MR"), "default") == "default"
+    editor.logic.SetSourceVolumeNode(ct)
+    fire(effect.defaultIntensityButton, "clicked()")
+    assert effect.intensityLabel.text == "CT preset soft_tissue (the panel default)"

@@ -183,3 +183,23 @@ def test_the_server_exits_when_slicer_goes_away_without_stop(launched_server):
     server.process.stdin.close()  # what the OS does to the pipe when Slicer exits or crashes
     assert _wait_gone(child), "the server kept running after its parent went away"
     assert server.process.wait(15) is not None
+
+
+def test_panel_display_window_reads_the_editors_source_volume_and_sets_it_on_that_volume(mrml, panel):
+    import numpy as np
+
+    from MedSAM2SlicerLib import volume_settings
+
+    ct = slicer.util.addVolumeFromArray(np.zeros((4, 8, 8), np.int16), name="CT")
+    ct.CreateDefaultDisplayNodes()
+    ct.GetDisplayNode().AutoWindowLevelOff()
+    ct.GetDisplayNode().SetWindowLevel(1500.0, -600.0)
+    other = slicer.util.addVolumeFromArray(np.zeros((4, 8, 8), np.int16), name="MR")
+    editor_node = slicer.vtkMRMLSegmentEditorNode()
+    editor_node.SetSingletonTag("SegmentEditor")  # the Segment Editor module's own parameter node
+    mrml.AddNode(editor_node)
+    editor_node.SetAndObserveSourceVolumeNode(ct)
+    fire(panel.ui.displayWindowButton, "clicked()")
+    assert volume_settings.preprocessing_for(ct, None) == {"level": -600.0, "width": 1500.0}
+    assert not volume_settings.has_own(other) and panel.ui.statusLabel.text.startswith("CT: CT window -600 / 1500")
+    assert panel.logic.preprocessing == {"preset": "soft_tissue"}  # the default for other volumes is unchanged
