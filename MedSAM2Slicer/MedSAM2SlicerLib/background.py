@@ -54,15 +54,18 @@ class BackgroundReader:
     """Iterates `produce()` on a worker thread; `drain()`, called on the main thread, applies what arrived.
 
     `start_timer(tick)` arranges for `tick()` to be called repeatedly on the main thread and returns an object with
-    `stop()` (the app: a `qt.QTimer`'s timeout). Each tick applies every queued item with `apply(item)`; when the
+    `stop()` (the app: a `qt.QTimer`'s timeout). Each tick applies up to `max_per_tick` queued items with
+    `apply(item)` (so the event loop runs between, e.g. to deliver Cancel), then calls `on_tick()`; when the
     producer is exhausted `finished(None)` is called, or `finished(error)` if the producer or `apply` raised.
     After `finished` nothing else is called. `stop_applying()` drops whatever still arrives (e.g. the selection
     changed): the producer should be cancelled by its owner so the thread ends soon.
     """
 
     def __init__(self, produce: Callable[[], Iterable], apply: Callable[[object], None],
-                 finished: Callable[[BaseException | None], None]):
-        self._produce, self._apply, self._finished = produce, apply, finished
+                 finished: Callable[[BaseException | None], None], on_tick: Callable[[], None] | None = None,
+                 max_per_tick: int = 4):
+        self._produce, self._apply, self._finished, self._on_tick = produce, apply, finished, on_tick
+        self.max_per_tick = max_per_tick
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._timer = None
@@ -86,12 +89,14 @@ class BackgroundReader:
         self._applying = False
 
     def drain(self) -> None:
-        """Apply everything that has arrived (main thread)."""
-        while not self.done:
+        """Apply what has arrived, up to `max_per_tick` items (main thread)."""
+        for _ in range(self.max_per_tick):
+            if self.done:
+                return
             try:
                 item, error = self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             if item is _DONE:
                 self._finish(error)
                 return
@@ -103,6 +108,8 @@ class BackgroundReader:
                 self._applying = False
                 self._finish(apply_error)
                 return
+        if self._on_tick is not None and not self.done:
+            self._on_tick()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the worker thread ended (tests, and a clean exit); True if it did."""
@@ -119,11 +126,12 @@ class BackgroundReader:
 
 
 def call_in_background(work: Callable[[], object], finished: Callable[[object, BaseException | None], None],
-                       start_timer: Callable[[Callable[[], None]], object]) -> BackgroundReader:
+                       start_timer: Callable[[Callable[[], None]], object],
+                       on_tick: Callable[[], None] | None = None) -> BackgroundReader:
     """Run one slow call (e.g. the first upload of a volume) on a worker thread; `finished(result, error)` on the
-    main thread."""
+    main thread, `on_tick()` there meanwhile (e.g. to show the upload's progress)."""
     results = []
     reader = BackgroundReader(lambda: [work()], results.append,
-                              lambda error: finished(results[0] if results else None, error))
+                              lambda error: finished(results[0] if results else None, error), on_tick)
     reader.start(start_timer)
     return reader

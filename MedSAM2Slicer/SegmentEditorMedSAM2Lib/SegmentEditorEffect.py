@@ -13,6 +13,7 @@ import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from MedSAM2SlicerLib import volume_settings  # first: it puts the extension's own client on the path
+from MedSAM2SlicerLib.background import BackgroundReader, call_in_background
 from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import shared_logic
 from medsam2_client.protocol import DIRECTIONS  # noqa: I001  (after MedSAM2SlicerLib, on purpose)
@@ -20,6 +21,9 @@ from medsam2_client.protocol import DIRECTIONS  # noqa: I001  (after MedSAM2Slic
 __all__ = ["SegmentEditorEffect"]
 
 DRAG_THRESHOLD_PX = 5  # a press and release further apart than this is a box, else a point
+SELECTION_CHANGED = ("The selected segmentation, segment or source volume changed while MedSAM2 was working, so "
+                     "it stopped; what it wrote before stays (Undo removes it).")
+IN_BACKGROUND = object()  # an action's result: it goes on on a worker thread and ends the action itself
 
 
 class SelectionChangedError(MedSAM2ActionError):
@@ -51,9 +55,7 @@ class EffectTarget:
 
     def modify(self, segment_id, labelmap, mode, extent_ijk):
         if segment_id != self.segment_id or self.selection_changed():
-            raise SelectionChangedError("The selected segmentation, segment or source volume changed while "
-                                        "MedSAM2 was writing, so it stopped; what it wrote before stays "
-                                        "(Undo removes it).")
+            raise SelectionChangedError(SELECTION_CHANGED)
         modes = {"add": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
                  "remove": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove}
         # The (labelmap, mode, QList<int> extent) overload; the extent is in the labelmap's own IJK index space.
@@ -68,6 +70,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self._press_xy = None
         self._running = None  # the EffectTarget of the action this effect runs, pinned to its selection
+        self._reader = None  # the BackgroundReader of that action, while it reads on a worker thread
+        self._waitCursor = False
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -234,23 +238,80 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         else:
             prompt = {"points_ras": [self.xyToRas(release_xy, viewWidget)],
                       "labels": [0 if callerInteractor.GetControlKey() else 1]}
-        self._run("placing a prompt", lambda controller, volume, target: controller.add_prompt(
-            volume, target, target.segment_id, slice_to_ras=slice_to_ras, **prompt))
+        self._run("placing a prompt", lambda controller, volume, target: self._placePrompt(
+            controller, target, slice_to_ras, prompt))
         return True
 
-    def onPropagate(self):
-        def progress(done, planned):
-            self.progressBar.maximum, self.progressBar.value = planned, done
-            slicer.app.processEvents()  # keeps Cancel responsive and shows slices as they arrive
-            if self._running is not None and self._running.selection_changed():
-                shared_logic().controller.cancel()  # stop now; the target refuses the remaining writes
+    def _placePrompt(self, controller, target, slice_to_ras, prompt):
+        """Place a prompt; the first one on a volume sends it to the backend first, on a worker thread."""
+        def place():
+            outcome = controller.add_prompt(target.source_volume, target, target.segment_id,
+                                            slice_to_ras=slice_to_ras, **prompt)
+            self.statusLabel.text = outcome.axis_warning or ""
 
+        upload = {"fraction": None}  # written by the worker thread, shown by the main thread
+        open_session = controller.session_opener(target.source_volume, slice_to_ras,
+                                                 upload_progress=lambda fraction: upload.update(fraction=fraction))
+        if open_session is None:
+            return place()
+
+        def show_upload():
+            fraction = upload["fraction"]
+            self.statusLabel.text = "Sending the volume…" + ("" if fraction is None else f" {fraction:.0%}")
+
+        def uploaded(result, error):
+            try:
+                if error is not None:
+                    raise error if isinstance(error, MedSAM2ActionError) else MedSAM2ActionError(
+                        f"Sending the volume failed: {error}.")
+                if target.selection_changed():
+                    raise SelectionChangedError(SELECTION_CHANGED)
+                place()
+            except MedSAM2ActionError as action_error:
+                self.statusLabel.text = str(action_error)
+            finally:
+                self._endAction()
+
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)  # as Slicer's own long effects (Islands, Margin...)
+        self._waitCursor = True
+        show_upload()
+        self._reader = call_in_background(open_session, uploaded, self._startTimer, on_tick=show_upload)
+        return IN_BACKGROUND
+
+    def onPropagate(self):
         start, stop = (None if box.value < 0 else box.value for box in (self.rangeStartSpinBox, self.rangeStopSpinBox))
-        outcome = self._run("propagating", lambda controller, volume, target: controller.propagate(
-            volume, target, target.segment_id, direction=self.directionComboBox.currentText,
-            start=start, stop=stop, stop_after_empty=self.stopAfterEmptySpinBox.value or None, progress=progress))
-        if outcome is None:
-            return
+        options = {"direction": self.directionComboBox.currentText, "start": start, "stop": stop,
+                   "stop_after_empty": self.stopAfterEmptySpinBox.value or None}
+        self._run("propagating", lambda controller, volume, target: self._propagate(controller, target, options))
+
+    def _propagate(self, controller, target, options):
+        """Read the backend's slices on a worker thread and write them here, on the main thread, as they arrive:
+        Slicer stays responsive (scroll, look, Cancel) between slices. The console API stays synchronous."""
+        job = controller.begin_propagation(target.source_volume, target, target.segment_id, **options)
+        self.progressBar.maximum, self.progressBar.value = job.run.planned, 0
+
+        def apply(result):
+            if target.selection_changed():
+                controller.cancel()
+                raise SelectionChangedError(SELECTION_CHANGED)
+            job.apply(result)
+            self.progressBar.value = job.run.done
+
+        def finished(error):
+            try:
+                if error is not None:
+                    raise job.failure(error)
+                self._showOutcome(job.finish())
+            except MedSAM2ActionError as action_error:
+                self.statusLabel.text = str(action_error)
+            finally:
+                self._endAction()
+
+        self._reader = BackgroundReader(lambda: job.run, apply, finished)
+        self._reader.start(self._startTimer)
+        return IN_BACKGROUND
+
+    def _showOutcome(self, outcome):
         self.uncertainList.clear()
         for slice_info in outcome.least_certain:
             item = qt.QListWidgetItem(f"slice {slice_info.slice_index}: IoU {slice_info.iou:.2f}")
@@ -258,13 +319,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.uncertainList.addItem(item)
         self.statusLabel.text = ("Cancelled; " if outcome.cancelled else "") + f"{outcome.slices_written} slices."
 
+    @staticmethod
+    def _startTimer(tick):
+        """The app-only part of working in the background: a QTimer calls `tick` on the main thread (every 20 ms,
+        with the event loop running in between). Assumes PythonQt's QTimer: `timeout()` signal, `start(msec)`."""
+        timer = qt.QTimer()
+        timer.connect("timeout()", tick)
+        timer.start(20)
+        return timer
+
     def onJumpToSlice(self, item):
         x, y, z = item.data(qt.Qt.UserRole)
         slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
 
     def _run(self, what, action):
-        """Run one controller action on the selected volume/segment, pinned to them and exclusive (clicks are
-        delivered while it runs); show its error as one sentence."""
+        """Run one controller action on the selected volume/segment, pinned to them and exclusive (the user keeps
+        working meanwhile); show its error as one sentence. An action that returns IN_BACKGROUND goes on after
+        this returns and calls `_endAction()` when done."""
         logic = shared_logic()
         try:
             if logic.controller is None:
@@ -276,12 +347,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._running = target
             try:
                 result = action(logic.controller, target.source_volume, target)
-            finally:
-                self._running = None
-                logic.guard.release()
+            except BaseException:
+                self._endAction()
+                raise
+            if result is not IN_BACKGROUND:
+                self._endAction()
         except MedSAM2ActionError as error:
             self.statusLabel.text = str(error)
-            return None
-        warning = getattr(result, "axis_warning", None)
-        self.statusLabel.text = warning or ""
-        return result
+
+    def _endAction(self):
+        self._running = None
+        self._reader = None
+        if self._waitCursor:
+            qt.QApplication.restoreOverrideCursor()
+            self._waitCursor = False
+        shared_logic().guard.release()

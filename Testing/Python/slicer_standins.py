@@ -297,16 +297,32 @@ class QTimer(QObject):
         return self in QTimer.started
 
 
-def run_timers(limit: int = 10000) -> int:
-    """Fire started timers until none is left (an event loop would do this); returns how many times."""
-    count = 0
-    while QTimer.started and count < limit:
-        for timer in list(QTimer.started):
-            if timer.singleShot:
-                timer.stop()
-            fire(timer, "timeout()")
-            count += 1
-    assert count < limit, "timers kept running"
+_in_event_loop = []
+
+
+def run_timers(between=None, timeout_s: float = 30.0) -> int:
+    """Fire started timers until none is left, as the event loop would; `between()` runs after each round (the
+    user's events, or releasing a gated backend). Nested calls (from inside a timer) return at once, as the
+    outer loop goes on. Returns how many timeouts fired."""
+    import time
+
+    if _in_event_loop:
+        return 0
+    _in_event_loop.append(True)
+    count, deadline = 0, time.monotonic() + timeout_s
+    try:
+        while QTimer.started:
+            assert time.monotonic() < deadline, "timers kept running"
+            for timer in list(QTimer.started):
+                if timer.singleShot:
+                    timer.stop()
+                fire(timer, "timeout()")
+                count += 1
+            if between is not None:
+                between()
+            time.sleep(0.001)
+    finally:
+        _in_event_loop.clear()
     return count
 
 

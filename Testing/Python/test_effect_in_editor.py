@@ -1,8 +1,11 @@
 """The effect in a real (slicer-core) scene: real segment editor node, segmentation, slice node and interactor.
 
 Only the Qt layer is a stand-in (strict: `slicer_standins`); writes go through vtkSlicerSegmentEditorLogic, which
-Slicer >= 5.10's effect write calls. Queued user events are what `slicer.app.processEvents()` delivers.
+Slicer >= 5.10's effect write calls. The backend is read on a worker thread; `standins.run_timers` is the event
+loop, delivering the user's events between slices.
 """
+
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from slicer_standins import fire, gui_stubs  # noqa: F401  (a fixture)
 
 from medsam2_backend.engine import DiskEngine
 from MedSAM2SlicerLib import mrml_io
+from MedSAM2SlicerLib.logic import InProcessBackend
 
 SHAPE_KJI = (12, 32, 32)
 
@@ -87,10 +91,12 @@ def interactor(xy, control=False, shift=False, alt=False):
     return rwi
 
 
-def click(effect, view, xy, release_xy=None, control=False, event=vtk.vtkCommand.LeftButtonPressEvent):
+def click(effect, view, xy, release_xy=None, control=False, event=vtk.vtkCommand.LeftButtonPressEvent, between=None):
+    """Press and release; then the event loop runs until the prompt is placed (the first uploads the volume)."""
     pressed = effect.processInteractionEvents(interactor(xy, control), event, view)
     released = effect.processInteractionEvents(interactor(release_xy or xy, control),
                                                vtk.vtkCommand.LeftButtonReleaseEvent, view)
+    standins.run_timers(between)
     return pressed, released
 
 
@@ -112,7 +118,11 @@ def test_click_writes_the_slice_and_propagate_the_volume_with_one_undo_step(edit
     assert not editor.voxels("a")[5, 16, 16]
     click(effect, editor.view, (10, 10), release_xy=(20, 22))  # a drag: a box
     assert editor.voxels("a")[5, 10:23, 10:21].all()
+    undo_states = effect.scriptedEffect._undo_states
     fire(effect.propagateButton, "clicked()")
+    standins.run_timers()
+    assert effect.scriptedEffect._undo_states == undo_states + 1  # one undo step for the whole propagation
+    assert standins.QApplication.cursors == []
     voxels = editor.voxels("a")
     assert voxels[4].any() and voxels[6].any() and "slices" in effect.statusLabel.text
     assert effect.uncertainList.count() > 0 and effect.propagateButton.enabled
@@ -136,39 +146,94 @@ def test_two_quick_clicks_are_two_prompts(editor, effect):
     assert prompts(editor)[-1].labels.tolist() == [0] and not editor.voxels("a")[5, 24, 24]
 
 
-def propagate_with_events(editor, effect, *events):
-    """Prompt, then propagate while the user's `events` are delivered by processEvents (once, mid-way)."""
-    click(effect, editor.view, (16, 16))
-    slicer.app.pending_events.extend(events)
+class GatedBackend(InProcessBackend):
+    """The DiskEngine, but each propagated slice (and an upload) waits for the test to let it through, so the
+    user's events land between slices deterministically."""
+
+    def __init__(self):
+        super().__init__(DiskEngine(radius=4, shrink=1))
+        self.gate = threading.Semaphore(0)
+
+    def open_session(self, *args, upload_progress=None, **kwargs):
+        if upload_progress is not None:
+            upload_progress(0.45)
+            assert self.gate.acquire(timeout=10)
+        session = super().open_session(*args, **kwargs)
+        propagate, gate = session.propagate, self.gate
+
+        def gated_propagate(*args, **kwargs):
+            run = propagate(*args, **kwargs)
+
+            class GatedRun:
+                planned, cancel = run.planned, run.cancel
+                done = property(lambda self: run.done)
+                summary = property(lambda self: run.summary)
+
+                def __iter__(self):
+                    for result in run:
+                        gate.acquire(timeout=5)  # a timeout, so code that reads on this thread is slow, not stuck
+                        yield result
+            return GatedRun()
+
+        session.propagate = gated_propagate
+        return session
+
+
+@pytest.fixture
+def gated(editor):
+    from MedSAM2SlicerLib.logic import shared_logic
+
+    backend = GatedBackend()
+    shared_logic().controller.backend = backend
+    return backend
+
+
+def propagate_with_events(editor, effect, gated, *events):
+    """Prompt, then propagate while the user's `events` are delivered once, after two slices were written."""
+    click(effect, editor.view, (16, 16), between=gated.gate.release)
+    while gated.gate.acquire(blocking=False):  # no permit left over from the upload
+        pass
     fire(effect.propagateButton, "clicked()")
+    assert effect.progressBar.value == 0 and effect.progressBar.maximum == 12  # returned at once: nothing read yet
+    delivered = []
+
+    def between():
+        if effect.progressBar.value >= 2 and not delivered:
+            delivered.append(True)
+            slicer.app.pending_events.extend(events)
+            slicer.app.processEvents()
+        gated.gate.release()
+
+    standins.run_timers(between)
+    assert delivered
     return effect.statusLabel.text
 
 
-def test_selecting_another_segment_during_propagation_stops_it_and_writes_nothing_there(editor, effect):
-    status = propagate_with_events(editor, effect, lambda: editor.node.SetSelectedSegmentID("b"))
-    assert "changed while MedSAM2 was writing" in status
+def test_selecting_another_segment_during_propagation_stops_it_and_writes_nothing_there(editor, effect, gated):
+    status = propagate_with_events(editor, effect, gated, lambda: editor.node.SetSelectedSegmentID("b"))
+    assert "changed while MedSAM2 was working" in status
     assert not editor.voxels("b").any()
     assert editor.voxels("a")[5].any()
 
 
-def test_selecting_another_segmentation_with_the_same_segment_id_writes_nothing_there(editor, effect):
+def test_selecting_another_segmentation_with_the_same_segment_id_writes_nothing_there(editor, effect, gated):
     other = editor.new_segmentation("Other")  # its segments are "a" and "b" too
-    status = propagate_with_events(editor, effect, lambda: editor.node.SetAndObserveSegmentationNode(other))
-    assert "changed while MedSAM2 was writing" in status
+    status = propagate_with_events(editor, effect, gated, lambda: editor.node.SetAndObserveSegmentationNode(other))
+    assert "changed while MedSAM2 was working" in status
     assert not editor.voxels("a", other).any()
 
 
-def test_a_click_during_propagation_is_swallowed_not_nested(editor, effect):
+def test_a_click_during_propagation_is_swallowed_not_nested(editor, effect, gated):
     nested = []
-    status = propagate_with_events(editor, effect, lambda: nested.append(click(effect, editor.view, (8, 8))))
+    status = propagate_with_events(editor, effect, gated, lambda: nested.append(click(effect, editor.view, (8, 8))))
     assert nested == [(True, True)]  # swallowed: no prompt and no window/level either
     assert len(prompts(editor)) == 1 and "slices" in status
     assert not editor.voxels("a")[5, 8, 8]
 
 
-def test_propagate_is_disabled_and_refused_while_running_and_deactivate_cancels(editor, effect):
+def test_propagate_is_disabled_and_refused_while_running_and_deactivate_cancels(editor, effect, gated):
     states = []
-    status = propagate_with_events(editor, effect, lambda: states.append(effect.propagateButton.enabled),
+    status = propagate_with_events(editor, effect, gated, lambda: states.append(effect.propagateButton.enabled),
                                    lambda: fire(effect.propagateButton, "clicked()"), effect.deactivate)
     assert states == [False] and status.startswith("Cancelled")
     assert effect.propagateButton.enabled
@@ -260,3 +325,23 @@ def test_each_volume_keeps_its_own_intensity_settings_from_its_own_display_windo
     editor.logic.SetSourceVolumeNode(ct)
     fire(effect.defaultIntensityButton, "clicked()")
     assert effect.intensityLabel.text == "CT preset soft_tissue (the panel default)"
+
+
+def test_the_first_upload_runs_in_the_background_with_a_wait_cursor_and_its_progress(editor, effect, gated):
+    import qt
+
+    seen = []
+
+    def between():
+        seen.append((effect.statusLabel.text, list(standins.QApplication.cursors), effect.propagateButton.enabled))
+        gated.gate.release()
+
+    effect.processInteractionEvents(interactor((16, 16)), vtk.vtkCommand.LeftButtonPressEvent, editor.view)
+    effect.processInteractionEvents(interactor((16, 16)), vtk.vtkCommand.LeftButtonReleaseEvent, editor.view)
+    assert not editor.voxels("a").any()  # the click returned before the volume was sent
+    standins.run_timers(between)
+    assert ("Sending the volume… 45%", [qt.Qt.WaitCursor], False) in seen
+    assert standins.QApplication.cursors == [] and effect.propagateButton.enabled
+    assert editor.voxels("a")[5, 16, 16]
+    click(effect, editor.view, (8, 8))  # the volume is there now: the next prompt is placed at once
+    assert editor.voxels("a")[5, 8, 8]

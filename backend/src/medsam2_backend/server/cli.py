@@ -49,8 +49,12 @@ def exit_when_stdin_closes() -> None:
     import signal
     import threading
 
+    fd = sys.stdin.fileno()
+
     def wait_for_eof():
-        while sys.stdin.buffer.read(65536):
+        # os.read on the descriptor, not sys.stdin's buffered reader: a daemon thread holding that reader's lock
+        # makes the interpreter abort at exit ("could not acquire lock for <stdin> at interpreter shutdown").
+        while os.read(fd, 65536):
             pass
         os.kill(os.getpid(), signal.SIGTERM)
 
