@@ -143,9 +143,10 @@ def test_cmake_lists_every_python_file_and_resource():
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "MedSAM2Slicer")
     listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui))\s*$", cmake, re.M))
     client_listed = {p for p in listed if p.startswith("medsam2_client/")}
+    engine_listed = {p for p in listed if p.startswith("medsam2_backend/")}  # the self-test's engine (below)
     on_disk = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*")
                if p.suffix in (".py", ".png", ".ui") and "__pycache__" not in p.parts}
-    assert listed - client_listed == on_disk
+    assert listed - client_listed - engine_listed == on_disk
     # The client ships from its one copy in backend/src (no second copy in the module to keep in step).
     client_dir = ROOT / "backend" / "src"
     assert client_listed == {str(p.relative_to(client_dir)) for p in (client_dir / "medsam2_client").glob("*.py")}
@@ -164,3 +165,32 @@ def test_extensions_index_entry_is_complete():
     assert entry["category"] == "Segmentation"
     assert entry["scm_url"].endswith(".git") and entry["scm_revision"]
     assert entry["build_dependencies"] == []
+
+
+def test_the_self_test_engine_ships_with_everything_it_imports_at_load_and_nothing_slicer_lacks():
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    block = re.search(r"set\(MEDSAM2_TEST_ENGINE_PYTHON_SCRIPTS\n(.*?)\)", cmake, re.S).group(1)
+    shipped = set(block.split())
+    src = ROOT / "backend" / "src"
+    slicers_python = {"numpy", "scipy", "PIL", "__future__", "abc", "dataclasses", "threading", "typing"}
+    for relative in shipped:
+        path = src / relative
+        tree = ast.parse(path.read_text())
+        for node in tree.body:  # module level: what runs at import (load_engine imports SAM-2 lazily, inside)
+            if isinstance(node, ast.Import):
+                assert {a.name.split(".")[0] for a in node.names} <= slicers_python, (relative, ast.dump(node))
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module.split(".")[0] in slicers_python, (relative, node.module)
+            elif isinstance(node, ast.ImportFrom):
+                target = f"{pathlib.PurePosixPath(relative).parent}/{node.module}.py"
+                assert target in shipped, (relative, target)
+    assert re.search(r"DESTINATION_DIR .*/MedSAM2SlicerTesting\n", cmake)
+    module = (MODULE_DIR / "MedSAM2Slicer.py").read_text()
+    assert '"MedSAM2SlicerTesting"' in module and "sys.path.append(TEST_ENGINE_DIR)" in module
+
+
+def test_the_in_app_self_test_runs_its_scenarios_headless(gui_stubs, mrml):
+    import MedSAM2Slicer
+
+    engine_class = MedSAM2Slicer.self_test_engine_class()
+    MedSAM2Slicer.MedSAM2SlicerTest().test_scenarios(engine_class)  # the effect part needs the app's widgets
