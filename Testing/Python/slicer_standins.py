@@ -121,15 +121,6 @@ class QComboBox(QWidget):
         if self._index < 0:
             self.currentIndex = 0
 
-    def count(self):
-        return len(self._items)
-
-    def itemText(self, index):
-        return self._items[index]
-
-    def findText(self, text):
-        return self._items.index(text) if text in self._items else -1
-
     def __getattr__(self, name):
         if name == "currentIndex":
             return self._index

@@ -120,6 +120,21 @@ def test_windows_server_gets_no_console_window_and_a_stdin_pipe(monkeypatch):
     assert kwargs["stdin"] == subprocess.PIPE and "--exit-with-stdin" in args
 
 
+def test_stop_survives_a_log_that_cannot_be_deleted(monkeypatch):
+    """Windows cannot delete a file another process holds open (a server that outlived the kill): stop() must
+    not raise for it; the temporary folder is left behind instead."""
+    unlink = os.unlink
+
+    def refusing_unlink(path, *args, **kwargs):
+        if str(path).endswith("server.log"):
+            raise PermissionError(13, "The process cannot access the file", str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.delattr(slicer, "app", raising=False)
+    monkeypatch.setattr(os, "unlink", refusing_unlink)
+    _popen_call(monkeypatch, "win32")  # start fails, stop() cleans up: a sentence, not a PermissionError
+
+
 def test_posix_server_gets_its_own_process_group_and_a_stdin_pipe(monkeypatch):
     monkeypatch.delattr(slicer, "app", raising=False)
     monkeypatch.setenv("MEDSAM2_TEST_MARK", "1")
