@@ -205,6 +205,8 @@ class MedSAM2SlicerLogic:
         """`volume_id` None: the scene was closed. Runs in an MRML observer, which must not raise."""
         if volume_id is None:
             self._targets.clear()
+            if self.controller is not None:
+                self.controller.cancel()  # a propagation running on a worker thread stops at its next slice
         if self.controller is not None:
             try:
                 self.controller.forget_volume(volume_id)

@@ -118,3 +118,13 @@ def test_the_effect_imports_the_library_before_the_client():
     modules = [node.module for node in tree.body if isinstance(node, ast.ImportFrom)]
     first_client = min(i for i, m in enumerate(modules) if m.startswith("medsam2_client"))
     assert any(m.startswith("MedSAM2SlicerLib") for m in modules[:first_client])
+
+
+def test_close_scene_cancels_a_propagation_running_in_the_background(mrml):
+    logic = MedSAM2SlicerLogic()
+    logic.connect(engine=DiskEngine())
+    logic.watch_scene(mrml)
+    cancelled = []
+    logic.controller._run = type("Run", (), {"cancel": lambda self: cancelled.append(True)})()
+    mrml.Clear(0)
+    assert cancelled == [True]
