@@ -4,6 +4,7 @@ The work happens in `MedSAM2SlicerLib` (Qt-free); this file only wires widgets t
 """
 
 import os
+import sys
 
 import qt
 import slicer
@@ -12,7 +13,7 @@ from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
                                            ScriptedLoadableModuleWidget)
 
-from MedSAM2SlicerLib import install, panel_settings
+from MedSAM2SlicerLib import install, panel_settings, volume_settings
 from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import MedSAM2SlicerLogic, describe_capabilities, shared_logic
 
@@ -32,6 +33,12 @@ class MedSAM2Slicer(ScriptedLoadableModule):
                            "'MedSAM2' effect in the Segment Editor: click or drag a box on a slice, then propagate.")
         parent.acknowledgementText = "Uses SAM-2 (Meta, Apache-2.0) and MedSAM2 checkpoints (CC-BY-SA-4.0)."
         slicer.app.connect("startupCompleted()", register_effect)
+        slicer.app.connect("startupCompleted()", watch_scene)
+
+
+def watch_scene():
+    """Close Scene and node removal drop the sessions and prompts of the nodes gone (MRML reuses node ids)."""
+    shared_logic().watch_scene(slicer.mrmlScene)
 
 
 def register_effect():
@@ -76,6 +83,12 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
         self.layout.addStretch(1)
         self.onBackendChanged()
         self.onPreprocessingChanged()
+        self.logic.guard.add_observer(self.onBusyChanged)
+
+    def onBusyChanged(self, busy):
+        """While an action runs, Start/Connect would start a second server or close the running session."""
+        for button in (self.ui.startServerButton, self.ui.stopServerButton, self.ui.connectButton):
+            button.enabled = not busy
 
     # ---- settings (keys and defaults: panel_settings.SETTINGS_DEFAULTS) ------------------------------------------
     def panelSettings(self) -> dict:
@@ -128,16 +141,23 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
         options = panel_settings.local_server_options(self.panelSettings())
         self.showStatus("Starting the local MedSAM2 server (loading the model)...")
         try:
+            self.logic.guard.acquire("starting the local server")
+        except MedSAM2ActionError as error:  # processEvents below delivers a second click on Start
+            self.showStatus(str(error))
+            return
+        try:
             info = self.logic.start_local_server(waiting=slicer.app.processEvents, **options)
         except MedSAM2ActionError as error:
             self.showStatus("The local server did not start; its log is below.", log=str(error))
             return
+        finally:
+            self.logic.guard.release()
         self.showStatus(f"Connected ({info.kind}): {info.description}")
         self.onTestConnection()
 
     def onStopLocalServer(self):
-        self.logic.close()
-        self.showStatus("Local server stopped. Not connected.")
+        problems = self.logic.shutdown()
+        self.showStatus("Local server stopped. Not connected." + "".join(f"\n{p}" for p in problems))
 
     def onConnectRemote(self):
         self.saveSettings()
@@ -179,19 +199,25 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
         self.saveSettings()
 
     def onUseDisplayWindow(self):
-        """Copy the window/level of the volume in the red view (its voxels are untouched) into level/width."""
-        slice_widget = slicer.app.layoutManager().sliceWidget("Red")  # None when the layout has no red view
-        volume = slice_widget.sliceLogic().GetBackgroundLayer().GetVolumeNode() if slice_widget else None
-        window = panel_settings.display_window(volume)
-        if window is None:
-            self.showStatus("Show a volume in the red slice view to use its display window.")
+        """Give the Segment Editor's source volume its own display window as its level/width (voxels untouched).
+
+        Per volume (an attribute saved with the scene): other volumes keep the panel's default. Assumes the Segment
+        Editor module's parameter node is the scene's singleton tagged "SegmentEditor" (Slicer's SegmentEditor.py).
+        """
+        editor = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+        volume = editor.GetSourceVolumeNode() if editor is not None else None
+        preprocessing = volume_settings.use_display_window(volume) if volume is not None else None
+        if preprocessing is None:
+            self.showStatus("Select a source volume in the Segment Editor to use its display window.")
             return
-        self.ui.windowLevelSpinBox.value, self.ui.windowWidthSpinBox.value = window
-        self.ui.intensityModeComboBox.currentIndex = list(panel_settings.INTENSITY_MODES).index("ct_window")
-        self.onPreprocessingChanged()
+        self.showStatus(f"{volume.GetName()}: {volume_settings.describe(preprocessing)}, from its display window "
+                        "(this volume only, saved with the scene; the others use the settings below).")
 
     def cleanup(self):
-        self.logic.close()  # stops a local server this panel started
+        """At exit: close sessions and stop a local server this panel started, best effort and quickly."""
+        self.logic.guard.remove_observer(self.onBusyChanged)
+        for problem in self.logic.shutdown():
+            print(f"MedSAM2: {problem}")
         if hasattr(self, "checkInstallButton"):
             self.checkInstallButton.disconnect("clicked()", self.onCheckInstallation)
 
@@ -265,18 +291,89 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
                                                                 "and on the clipboard."), log=report)
 
 
+TEST_ENGINE_DIR = os.path.join(os.path.dirname(__file__), "MedSAM2SlicerTesting")
+
+
+def self_test_engine_class():
+    """The deterministic DiskEngine (numpy, scipy and Pillow: all in Slicer's own Python), so the self-test runs in a
+    stock Slicer: from an installed or source-checkout backend, else from the copy the extension ships for this
+    test only (CMakeLists.txt: MedSAM2SlicerTesting/), appended to sys.path so it never shadows a real backend."""
+    try:
+        from medsam2_backend.engine import DiskEngine
+    except ImportError:
+        if TEST_ENGINE_DIR not in sys.path:
+            sys.path.append(TEST_ENGINE_DIR)
+        from medsam2_backend.engine import DiskEngine
+    return DiskEngine
+
+
 class MedSAM2SlicerTest(ScriptedLoadableModuleTest):
-    """Runs the same end-to-end scenarios as the pytest suite, inside the app."""
+    """The pytest suite's end-to-end scenarios, then the real effect in a real Segment Editor widget: a click and a
+    drag on the red slice view's interactor, Propagate, Undo. Needs the app (Qt widgets, views); pytest runs the
+    scenarios headless and the effect against strict stand-ins."""
 
     def runTest(self):
+        engine_class = self_test_engine_class()
+        self.test_scenarios(engine_class)
+        self.test_effect_in_the_segment_editor(engine_class(radius=6, shrink=1))
+
+    def test_scenarios(self, engine_class):
         from MedSAM2SlicerLib import scenarios
 
-        try:
-            from medsam2_backend.engine import DiskEngine
-        except ImportError:
-            self.delayDisplay("medsam2_backend is not installed in Slicer's Python: nothing to run")
-            return
         for scenario in scenarios.ALL:
             slicer.mrmlScene.Clear(0)
-            scenario(DiskEngine(radius=6, shrink=1))
+            # The streaming check counts voxels per slice: its masks must not shrink from slice to slice.
+            scenario(engine_class(radius=6, shrink=0 if scenario is scenarios.streaming_costs_one_write else 1))
             self.delayDisplay(f"{scenario.__name__} passed")
+
+    def test_effect_in_the_segment_editor(self, engine):
+        import numpy as np
+
+        slicer.mrmlScene.Clear(0)
+        logic = shared_logic()
+        logic.connect(engine=engine)
+        volume = slicer.util.addVolumeFromArray(np.zeros((16, 64, 64), np.int16), name="MedSAM2SelfTest")
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segment_id = segmentation.GetSegmentation().AddEmptySegment("self-test")
+        widget = slicer.qMRMLSegmentEditorWidget()
+        widget.setMRMLScene(slicer.mrmlScene)
+        widget.setMRMLSegmentEditorNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+        widget.setSegmentationNode(segmentation)
+        widget.setSourceVolumeNode(volume)
+        widget.mrmlSegmentEditorNode().SetSelectedSegmentID(segment_id)
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        widget.setupViewObservations()  # as the Segment Editor module does on enter: view events reach effects
+        try:
+            widget.setActiveEffectByName("MedSAM2")
+            effect = widget.activeEffect()
+            self.assertIsNotNone(effect, "the MedSAM2 effect is not registered")
+            view = slicer.app.layoutManager().sliceWidget("Red").sliceView()
+            width, height = view.width, view.height
+
+            def voxels():
+                return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
+
+            def wait():
+                while logic.guard.running is not None:  # the effect reads its backend on a worker thread
+                    slicer.app.processEvents()
+
+            slicer.util.clickAndDrag(view, start=(width // 2, height // 2), end=(width // 2, height // 2), steps=1)
+            wait()
+            after_click = voxels()
+            self.assertEqual(np.count_nonzero(after_click.any(axis=(1, 2))), 1, "a click writes one slice")
+            slicer.util.clickAndDrag(view, start=(width // 3, height // 3), end=(width // 2, height // 2), steps=1)
+            wait()
+            self.assertGreater(np.count_nonzero(voxels()), np.count_nonzero(after_click), "a drag adds a box")
+            before_propagation = voxels()
+            effect.self().propagateButton.click()
+            wait()
+            self.assertGreater(np.count_nonzero(voxels().any(axis=(1, 2))), 1, "propagation fills more slices")
+            widget.undo()
+            self.assertTrue(np.array_equal(voxels(), before_propagation), "one Undo removes the propagation")
+            self.delayDisplay("The MedSAM2 effect: click, box, Propagate and Undo passed")
+        finally:
+            widget.setActiveEffect(None)
+            widget.removeViewObservations()
+            logic.close()

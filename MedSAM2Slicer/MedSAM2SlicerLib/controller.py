@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import geometry
+from . import geometry, volume_settings
 from .mrml_io import SliceBatchWriter
 
 
@@ -67,6 +67,45 @@ class PropagationOutcome:
     voxels_written: int  # voxels those writes covered
     cancelled: bool
     least_certain: list[UncertainSlice]
+
+
+@dataclasses.dataclass
+class PropagationJob:
+    """See `SessionController.begin_propagation`."""
+
+    controller: "SessionController"
+    volume_node: object
+    writer: SliceBatchWriter
+    run: object  # the backend's propagation: iterable of slice results, with done/planned/summary/cancel()
+    obj_id: int
+    axis: int
+
+    def apply(self, result) -> None:
+        """Queue one slice result for writing (main thread); writes when its batch is due."""
+        self.writer.add(result.slice_index, result.mask)
+
+    def finish(self) -> PropagationOutcome:
+        """Write what is pending and report; ends the job."""
+        self.controller._run = None
+        with _as_action_error("Propagation", lambda: self.controller._flush_and_count(self.writer)):
+            self.writer.flush()
+        writer, axis, volume_node = self.writer, self.axis, self.volume_node
+        ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
+        ranked = self.run.summary.least_certain.get(self.obj_id, [])
+        return PropagationOutcome(len(writer.slices_written), writer.write_count, writer.voxels_written,
+                                  bool(self.run.summary.cancelled),
+                                  [UncertainSlice(k, iou, _slice_center_ras(ijk_to_ras, volume_node, axis, k))
+                                   for k, iou in ranked])
+
+    def failure(self, error: BaseException) -> MedSAM2ActionError:
+        """The error to show for `error` (raised by the backend or a write); what already arrived is written
+        first. Ends the job."""
+        self.controller._run = None
+        try:
+            with _as_action_error("Propagation", lambda: self.controller._flush_and_count(self.writer)):
+                raise error
+        except MedSAM2ActionError as action_error:
+            return action_error
 
 
 @dataclasses.dataclass
@@ -151,35 +190,38 @@ class SessionController:
         `progress(done, planned)` is called after each slice; `cancel()` (e.g. from that callback) stops between
         slices, keeping what was written.
         """
+        job = self.begin_propagation(volume_node, target, segment_id, direction=direction, start=start, stop=stop,
+                                     stop_after_empty=stop_after_empty, postprocess=postprocess)
+        try:
+            for result in job.run:
+                job.apply(result)
+                if progress is not None:
+                    progress(job.run.done, job.run.planned)
+        except Exception as error:
+            raise job.failure(error)  # chained to `error` inside failure()
+        return job.finish()
+
+    def begin_propagation(self, volume_node, target, segment_id: str, *, direction: str = "both", start=None,
+                          stop=None, stop_after_empty=None, postprocess: Sequence[str] = ()) -> PropagationJob:
+        """A started propagation split in three, so a GUI can read the backend off its main thread: iterate
+        `job.run` anywhere (it only reads from the backend), `job.apply` each result on the main thread (MRML
+        writes), then `job.finish()` (or `job.failure(error)`). `propagate` is these steps in one loop."""
         axis = self._segment_axis.get((volume_node.GetID(), segment_id))
         if axis is None:
             raise MedSAM2ActionError("Place a point or a box for this segment before propagating.")
         writer = self._writer(volume_node, target, segment_id, axis)
-        with _as_action_error("Propagation", lambda: self._flush_and_count(writer)):
+        with _as_action_error("Propagation"):
             entry = self._session_for(volume_node, axis)
             obj_id = entry.obj_ids.get(segment_id)
             if obj_id is None:  # the volume changed since the prompt: its session is gone
                 raise MedSAM2ActionError("The volume changed since the last prompt; place a prompt again.")
             run = entry.session.propagate([obj_id], direction=direction, start=start, stop=stop,
                                           stop_after_empty=stop_after_empty, postprocess=tuple(postprocess))
-            self._run = run
-            try:
-                for result in run:
-                    writer.add(result.slice_index, result.mask)
-                    if progress is not None:
-                        progress(run.done, run.planned)
-            finally:
-                self._run = None
-            writer.flush()
+        self._run = run
         self.last_propagation[(volume_node.GetID(), segment_id)] = dict(
             direction=direction, start=start, stop=stop, stop_after_empty=stop_after_empty,
             postprocess=tuple(postprocess))
-        ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
-        ranked = run.summary.least_certain.get(obj_id, [])
-        return PropagationOutcome(len(writer.slices_written), writer.write_count, writer.voxels_written,
-                                  bool(run.summary.cancelled),
-                                  [UncertainSlice(k, iou, _slice_center_ras(ijk_to_ras, volume_node, axis, k))
-                                   for k, iou in ranked])
+        return PropagationJob(self, volume_node, writer, run, obj_id, axis)
 
     def cancel(self) -> None:
         """Stop the running propagation between two slices (safe to call from its progress callback)."""
@@ -205,13 +247,76 @@ class SessionController:
                 entry.session.reset_object(entry.obj_ids.pop(segment_id))
 
     def close(self) -> None:
-        """Close every backend session (frees server memory)."""
+        """Close every backend session (frees server memory): all are tried, the first failure is raised after."""
         sessions, self._sessions = self._sessions, {}
         self._segment_axis.clear()
         self._prompts.clear()
+        failure = None
         for entry in sessions.values():
-            with _as_action_error("Closing the session"):
-                entry.session.close()
+            try:
+                with _as_action_error("Closing the session"):
+                    entry.session.close()
+            except MedSAM2ActionError as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
+
+    def session_opener(self, volume_node, slice_to_ras=None, upload_progress=None) -> Callable[[], None] | None:
+        """The slow part of a first prompt on a volume (upload and open), for a GUI to run on a worker thread.
+
+        None when the session for the view's axis is open already; else a callable that touches no MRML (the
+        voxels are copied here, on the main thread) and opens it, so that `add_prompt` then finds it open.
+        `upload_progress(fraction)` is passed to a backend whose `open_session` takes it (the network client of a
+        newer release may; checked, not assumed), and is called on the worker thread.
+        """
+        import inspect
+
+        with _as_action_error("Opening the volume"):
+            axis = geometry.choose_propagation_axis(geometry.ijk_to_world_ras(volume_node), geometry.view_slice_to_ras(
+                "axial" if slice_to_ras is None else slice_to_ras)).axis
+            key, fingerprint = (volume_node.GetID(), axis), self.fingerprint(volume_node)
+            entry = self._sessions.get(key)
+            if entry is not None and entry.fingerprint == fingerprint:
+                return None
+            if entry is not None:
+                self._drop_session(volume_node, key)
+            volume, spacing = geometry.volume_array_kji(volume_node), geometry.spacing_kji(volume_node)
+            preprocessing = volume_settings.preprocessing_for(volume_node, self.preprocessing)
+        extra = {}
+        if upload_progress is not None and "upload_progress" in inspect.signature(
+                self.backend.open_session).parameters:
+            extra["upload_progress"] = upload_progress
+
+        def open_session():
+            with _as_action_error("Sending the volume"):
+                session = self.backend.open_session(volume, spacing, axis, preprocessing, fingerprint=fingerprint,
+                                                    **extra)
+            # A plain dict entry (no MRML): the GUI holds its one-action guard meanwhile, nothing else opens.
+            self._sessions[key] = _OpenSession(fingerprint, axis, session, preprocessing)
+        return open_session
+
+    def forget_volume(self, volume_id: str | None = None) -> None:
+        """Drop what is known of a volume (every volume when None): its sessions (closed), prompts, fingerprint.
+
+        For a node that left the scene: MRML reuses node ids after Close Scene, so a volume loaded later under the
+        same id must not inherit these. All sessions are tried; the first failure to close is raised after.
+        """
+        def gone(key):
+            return volume_id is None or key[0] == volume_id
+
+        for table in (self._segment_axis, self._prompts, self._fingerprints):
+            for key in [k for k in table if gone((k,) if isinstance(k, str) else k)]:
+                del table[key]
+        sessions = [self._sessions.pop(key) for key in [k for k in self._sessions if gone(k)]]
+        failure = None
+        for entry in sessions:
+            try:
+                with _as_action_error("Closing the session"):
+                    entry.session.close()
+            except MedSAM2ActionError as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def fingerprint(self, volume_node) -> str:
@@ -235,14 +340,15 @@ class SessionController:
         if entry is not None and entry.fingerprint != fingerprint:
             self._drop_session(volume_node, key)
             entry = None
+        preprocessing = volume_settings.preprocessing_for(volume_node, self.preprocessing)  # its own, else ours
         if entry is None:
             session = self.backend.open_session(geometry.volume_array_kji(volume_node),
-                                                geometry.spacing_kji(volume_node), axis, self.preprocessing,
+                                                geometry.spacing_kji(volume_node), axis, preprocessing,
                                                 fingerprint=fingerprint)
-            entry = self._sessions[key] = _OpenSession(fingerprint, axis, session, self.preprocessing)
-        elif entry.preprocessing != self.preprocessing:
-            entry.session.set_preprocessing(self.preprocessing)
-            entry.preprocessing = self.preprocessing
+            entry = self._sessions[key] = _OpenSession(fingerprint, axis, session, preprocessing)
+        elif entry.preprocessing != preprocessing:
+            entry.session.set_preprocessing(preprocessing)
+            entry.preprocessing = preprocessing
         return entry
 
     def _drop_session(self, volume_node, key) -> None:

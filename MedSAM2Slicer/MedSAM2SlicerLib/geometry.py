@@ -11,7 +11,7 @@ import vtk
 from medsam2_client.geometry import (OBLIQUE_WARNING_DEGREES, VIEW_ORIENTATIONS, AxisChoice,  # noqa: F401
                                      GeometryError, choose_propagation_axis, ijk_to_ras, ras_box_to_slice_box,
                                      ras_to_ijk, ras_to_slice_pixels, slice_extent_ijk, slice_plane_axes,
-                                     view_slice_to_ras)
+                                     view_rectangle_corners, view_slice_to_ras)
 
 
 def _array_from_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:

@@ -14,8 +14,10 @@ import dataclasses
 
 import numpy as np
 import slicer
+import vtk
 
 from . import geometry
+from .background import ActionGuard
 from .controller import MedSAM2ActionError, PropagationOutcome, SessionController
 from .local_backend import LocalServer, LocalServerError
 from .mrml_io import EditorLogicTarget
@@ -63,6 +65,7 @@ class MedSAM2SlicerLogic:
         self.preprocessing: dict | None = None
         self._targets: dict[str, EditorLogicTarget] = {}  # segmentation node id -> its undo history
         self.local_server: LocalServer | None = None
+        self.guard = ActionGuard()  # the GUI's one-action-at-a-time (the console API does not use it)
 
     def connect(self, url: str | None = None, token: str | None = None, *, checkpoint: str | None = None,
                 engine=None, device: str | None = None) -> ConnectionInfo:
@@ -70,9 +73,12 @@ class MedSAM2SlicerLogic:
         if sum(x is not None for x in (url, checkpoint, engine)) != 1:
             raise MedSAM2ActionError("Connect to exactly one backend: a server URL, a checkpoint, or an engine.")
         if url is not None:
-            from medsam2_client import MedSAM2Client
+            from medsam2_client import MedSAM2Client, errors
 
-            backend, info = MedSAM2Client(url, token), ConnectionInfo("remote", url)
+            try:
+                backend, info = MedSAM2Client(url, token), ConnectionInfo("remote", url)
+            except errors.MedSAM2Error as error:  # e.g. an address without http:// (a sentence already)
+                raise MedSAM2ActionError(str(error)) from error
         elif checkpoint is not None:
             from medsam2_backend.engine import load_engine
 
@@ -121,7 +127,8 @@ class MedSAM2SlicerLogic:
                 labels=None, box_ras=None, roi_node=None, view="axial", propagate: bool = True,
                 direction: str = "both", start=None, stop=None, stop_after_empty=None, postprocess=(),
                 progress=None) -> str:
-        """Prompt one slice (points and/or a box as 2 RAS corners or an ROI node) and optionally propagate.
+        """Prompt one slice (points and/or a box: 2 opposite RAS corners of a rectangle in the view, or more
+        corners, whose bounding rectangle on the slice is the box; or an ROI node) and optionally propagate.
 
         `view` is the view the prompt belongs to ('axial', 'sagittal', 'coronal' or a 4x4 slice-to-RAS); it
         picks the propagation axis. Returns the id of the segment written (created when `segment_id` is None).
@@ -134,6 +141,8 @@ class MedSAM2SlicerLogic:
             raise MedSAM2ActionError(f"The segmentation has no segment with id {segment_id!r}.")
         if roi_node is not None:
             box_ras = geometry.roi_corners_ras(roi_node)
+        elif box_ras is not None:  # two corners of a rectangle in the view, not in the volume's grid
+            box_ras = geometry.view_rectangle_corners(box_ras, geometry.view_slice_to_ras(view))
         controller.add_prompt(volume_node, target, segment_id, points_ras=points_ras, labels=labels,
                               box_corners_ras=box_ras, slice_to_ras=geometry.view_slice_to_ras(view))
         if propagate:
@@ -175,6 +184,47 @@ class MedSAM2SlicerLogic:
             if self.local_server is not None:
                 self.local_server.stop()
                 self.local_server = None
+
+    def watch_scene(self, scene) -> None:
+        """Forget sessions and prompts of nodes that leave `scene`, and everything when the scene is closed.
+
+        MRML reuses node ids after Close Scene (`vtkMRMLScene::Clear` resets its id counters), and everything here
+        is keyed by node id: without this, data loaded after a close would inherit the old prompts.
+        """
+        scene.AddObserver(slicer.vtkMRMLScene.EndCloseEvent, lambda caller, event: self._forget(None))
+        scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, self._on_node_removed)
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def _on_node_removed(self, caller, event, node):
+        if node.IsA("vtkMRMLSegmentationNode"):
+            self._targets.pop(node.GetID(), None)
+        elif node.IsA("vtkMRMLVolumeNode"):
+            self._forget(node.GetID())
+
+    def _forget(self, volume_id):
+        """`volume_id` None: the scene was closed. Runs in an MRML observer, which must not raise."""
+        if volume_id is None:
+            self._targets.clear()
+            if self.controller is not None:
+                self.controller.cancel()  # a propagation running on a worker thread stops at its next slice
+        if self.controller is not None:
+            try:
+                self.controller.forget_volume(volume_id)
+            except MedSAM2ActionError as error:  # a server gone away: its sessions are gone too
+                print(f"MedSAM2: {error}")
+
+    def shutdown(self, timeout_s: float = 1.0) -> list[str]:
+        """Close everything at exit, best effort: a short network timeout, every session tried, the local server
+        stopped whatever happened; returns the problems as sentences (for a log) instead of raising."""
+        backend = getattr(self.controller, "backend", None)
+        for name in ("connect_timeout", "timeout"):  # the network client's; an in-process engine has neither
+            if hasattr(backend, name):
+                setattr(backend, name, min(getattr(backend, name), timeout_s))
+        try:
+            self.close()
+        except MedSAM2ActionError as error:
+            return [str(error)]
+        return []
 
     def _require_controller(self) -> SessionController:
         if self.controller is None:

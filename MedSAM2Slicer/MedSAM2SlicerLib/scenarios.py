@@ -48,11 +48,14 @@ def box_round_trip(backend, view: str = "axial", parent_transform_ras=None) -> N
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     ijk_to_ras = geometry.ijk_to_world_ras(volume)
     axis = geometry.choose_propagation_axis(ijk_to_ras, geometry.view_slice_to_ras(view)).axis
-    # Opposite corners at voxel centres (K,J,I): the box spans rows/columns between them on one slice.
+    # Corners at voxel centres (K,J,I): the box spans rows/columns between them on one slice. All four corners of
+    # that rectangle of the volume's grid are given (two would mean a rectangle in the view, which is oblique here).
     corner_a, corner_b = [6, 10, 12], [6, 18, 30]
+    corners_kji = np.array([[6, r, c] for r in (10, 18) for c in (12, 30)])
     corner_a = np.roll(corner_a, axis)  # put the slice index on the propagation axis
     corner_b = np.roll(corner_b, axis)
-    corners_ras = geometry.ijk_to_ras(np.array([corner_a[::-1], corner_b[::-1]], float), ijk_to_ras)
+    corners_kji = np.roll(corners_kji, axis, axis=1)
+    corners_ras = geometry.ijk_to_ras(corners_kji[:, ::-1].astype(float), ijk_to_ras)
     logic = connected_logic(backend)
     segment_id = logic.segment(volume, segmentation, box_ras=corners_ras, view=view, propagate=False)
     logic.close()

@@ -10,32 +10,54 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from medsam2_client.protocol import DIRECTIONS
-from slicer.i18n import tr as _
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+from slicer.i18n import tr as _
 
+from MedSAM2SlicerLib import volume_settings  # first: it puts the extension's own client on the path
 from MedSAM2SlicerLib import effect_options, geometry, prompt_list
+from MedSAM2SlicerLib.background import BackgroundReader, call_in_background
 from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import shared_logic
+from medsam2_client.protocol import DIRECTIONS  # noqa: I001  (after MedSAM2SlicerLib, on purpose)
 
 __all__ = ["SegmentEditorEffect"]
 
 DRAG_THRESHOLD_PX = 5  # a press and release further apart than this is a box, else a point
+SELECTION_CHANGED = ("The selected segmentation, segment or source volume changed while MedSAM2 was working, so "
+                     "it stopped; what it wrote before stays (Undo removes it).")
+IN_BACKGROUND = object()  # an action's result: it goes on on a worker thread and ends the action itself
+
+
+class SelectionChangedError(MedSAM2ActionError):
+    """The user selected another segmentation, segment or source volume while an action was writing."""
 
 
 class EffectTarget:
-    """Writes through the effect, so the Segment Editor's masking, overwrite and undo apply as for any effect."""
+    """Writes through the effect, so the Segment Editor's masking, overwrite and undo apply as for any effect.
+
+    Pinned to the segmentation, segment and source volume selected when the action started: the effect writes
+    through `modifySelectedSegmentByLabelmap` (the editor's *current* selection), so once the user selects
+    something else (clicks are delivered while an action runs) it refuses to write instead of writing elsewhere.
+    """
 
     def __init__(self, scriptedEffect):
         self.scriptedEffect = scriptedEffect
-        self.segmentation_node = scriptedEffect.parameterSetNode().GetSegmentationNode()
+        self.segmentation_node, self.segment_id, self.source_volume = self._selection()
+
+    def _selection(self):
+        parameters = self.scriptedEffect.parameterSetNode()
+        return (parameters.GetSegmentationNode(), parameters.GetSelectedSegmentID(),
+                parameters.GetSourceVolumeNode())
+
+    def selection_changed(self) -> bool:
+        return self._selection() != (self.segmentation_node, self.segment_id, self.source_volume)
 
     def save_state_for_undo(self):
         self.scriptedEffect.saveStateForUndo()
 
     def modify(self, segment_id, labelmap, mode, extent_ijk):
-        # The effect always edits the selected segment; the controller only ever passes that one.
-        assert segment_id == self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
+        if segment_id != self.segment_id or self.selection_changed():
+            raise SelectionChangedError(SELECTION_CHANGED)
         modes = {"add": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
                  "remove": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove}
         # The (labelmap, mode, QList<int> extent) overload; the extent is in the labelmap's own IJK index space.
@@ -49,6 +71,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self._press_xy = None
+        self._running = None  # the EffectTarget of the action this effect runs, pinned to its selection
+        self._reader = None  # the BackgroundReader of that action, while it reads on a worker thread
+        self._waitCursor = False
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -92,11 +117,26 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.uncertainList.toolTip = "Least certain slices, worst first (click one to go there and correct it)"
         self.uncertainList.connect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
         self.scriptedEffect.addLabeledOptionsWidget("Check:", self.uncertainList)
+        self.intensityLabel = qt.QLabel()
+        self.intensityLabel.toolTip = "How the source volume's intensities are scaled for the model (per volume)"
+        self.scriptedEffect.addLabeledOptionsWidget("Intensity:", self.intensityLabel)
+        self.displayWindowButton = qt.QPushButton("Use its display window")
+        self.displayWindowButton.toolTip = ("Scale this volume as it is displayed now (its own window/level); "
+                                            "saved with the scene")
+        self.displayWindowButton.connect("clicked()", self.onUseDisplayWindow)
+        self.defaultIntensityButton = qt.QPushButton("Use the panel's default")
+        self.defaultIntensityButton.connect("clicked()", self.onUseDefaultIntensity)
+        intensity_buttons = qt.QHBoxLayout()
+        intensity_buttons.addWidget(self.displayWindowButton)
+        intensity_buttons.addWidget(self.defaultIntensityButton)
+        self.scriptedEffect.addOptionsWidget(intensity_buttons)
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
         self.setupPromptList()
         self.connectOptionsToMRML()
+        shared_logic().guard.add_observer(self._onBusyChanged)
+        self.updateIntensityLabel()
 
     def cleanup(self):
         """Disconnect this object's Qt connections so the effect can be deleted (Slicer issue #7392)."""
@@ -107,10 +147,52 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.uncertainList.disconnect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
         self.disconnectOptionsFromMRML()
         self.removePromptButton.disconnect("clicked()", self.onRemoveSelectedPrompt)
+        self.displayWindowButton.disconnect("clicked()", self.onUseDisplayWindow)
+        self.defaultIntensityButton.disconnect("clicked()", self.onUseDefaultIntensity)
+        shared_logic().guard.remove_observer(self._onBusyChanged)
+
+    def activate(self):
+        self.updateIntensityLabel()
+
+    def sourceVolumeNodeChanged(self):
+        """Called by the Segment Editor when the user picks another source volume."""
+        self.updateIntensityLabel()
+
+    def _source_volume(self):
+        parameters = self.scriptedEffect.parameterSetNode()  # None until the editor has given the effect one
+        return parameters.GetSourceVolumeNode() if parameters is not None else None
+
+    def updateIntensityLabel(self):
+        volume = self._source_volume()
+        if volume is None:
+            self.intensityLabel.text = ""
+            return
+        own = volume_settings.has_own(volume)
+        preprocessing = volume_settings.preprocessing_for(volume, shared_logic().preprocessing)
+        self.intensityLabel.text = (f"{volume_settings.describe(preprocessing)} "
+                                    f"({'this volume' if own else 'the panel default'})")
+
+    def onUseDisplayWindow(self):
+        volume = self._source_volume()
+        if volume is None or volume_settings.use_display_window(volume) is None:
+            self.statusLabel.text = "Select a source volume that is shown in a view to use its display window."
+        self.updateIntensityLabel()
+
+    def onUseDefaultIntensity(self):
+        volume = self._source_volume()
+        if volume is not None:
+            volume_settings.use_default(volume)
+        self.updateIntensityLabel()
 
     def deactivate(self):
+        """Switching to another effect hides Cancel: so an action this effect started is cancelled here."""
         self._press_xy = None
         prompt_list.remove_rubber_band(slicer.mrmlScene)
+        if self._running is not None:
+            self._onCancel()
+
+    def _onBusyChanged(self, busy):
+        self.propagateButton.enabled = not busy
 
     @staticmethod
     def _onCancel():
@@ -136,7 +218,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return self.onDragMove(callerInteractor, viewWidget)
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
-        if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+        presses = (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonDoubleClickEvent)
+        if shared_logic().guard.running is not None and eventId in (*presses, vtk.vtkCommand.LeftButtonReleaseEvent):
+            # A click queued while an action runs would nest a prompt into it: swallow it (and the view's own use).
+            self._press_xy = None
+            self.statusLabel.text = f"MedSAM2 is busy ({shared_logic().guard.running}); that click was ignored."
+            return True
+        # Slicer's VTK sends LeftButtonDoubleClickEvent instead of the second press of a quick double click;
+        # unhandled it maximizes the view (vtkMRMLSliceIntersectionWidget), with Ctrl it resets window/level. Two
+        # quick clicks are two prompts, so it is a press here (the Draw effect also handles it, as "finish").
+        if eventId in presses:
             if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
                 return False  # leave Slicer's own modified clicks/drags (e.g. Ctrl+Alt+drag rotates) alone
             confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
@@ -152,26 +243,87 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         prompt_list.remove_rubber_band(slicer.mrmlScene)
         slice_to_ras = slicer.util.arrayFromVTKMatrix(viewWidget.sliceLogic().GetSliceNode().GetSliceToRAS())
         if np.hypot(release_xy[0] - press_xy[0], release_xy[1] - press_xy[1]) > DRAG_THRESHOLD_PX:
-            prompt = {"box_corners_ras": [self.xyToRas(press_xy, viewWidget), self.xyToRas(release_xy, viewWidget)]}
+            # All four corners of the rectangle on screen: on a volume rotated in the view plane two are not enough.
+            corners_xy = [press_xy, (release_xy[0], press_xy[1]), release_xy, (press_xy[0], release_xy[1])]
+            prompt = {"box_corners_ras": [self.xyToRas(xy, viewWidget) for xy in corners_xy]}
         else:
             negative = bool(callerInteractor.GetControlKey()) != self.takeNextClickNegative()  # n flips one click
             prompt = {"points_ras": [self.xyToRas(release_xy, viewWidget)], "labels": [0 if negative else 1]}
-        self._run(lambda controller, volume, segment_id: controller.add_prompt(
-            volume, EffectTarget(self.scriptedEffect), segment_id, slice_to_ras=slice_to_ras, **prompt))
-        self.refreshPrompts()
+        self._run("placing a prompt", lambda controller, volume, target: self._placePrompt(
+            controller, target, slice_to_ras, prompt))
         return True
 
-    def onPropagate(self):
-        def progress(done, planned):
-            self.progressBar.maximum, self.progressBar.value = planned, done
-            slicer.app.processEvents()  # keeps Cancel responsive and shows slices as they arrive
+    def _placePrompt(self, controller, target, slice_to_ras, prompt):
+        """Place a prompt; the first one on a volume sends it to the backend first, on a worker thread."""
+        def place():
+            outcome = controller.add_prompt(target.source_volume, target, target.segment_id,
+                                            slice_to_ras=slice_to_ras, **prompt)
+            self.statusLabel.text = outcome.axis_warning or ""
+            self.refreshPrompts()
 
+        upload = {"fraction": None}  # written by the worker thread, shown by the main thread
+        open_session = controller.session_opener(target.source_volume, slice_to_ras,
+                                                 upload_progress=lambda fraction: upload.update(fraction=fraction))
+        if open_session is None:
+            return place()
+
+        def show_upload():
+            fraction = upload["fraction"]
+            self.statusLabel.text = "Sending the volume…" + ("" if fraction is None else f" {fraction:.0%}")
+
+        def uploaded(result, error):
+            try:
+                if error is not None:
+                    raise error if isinstance(error, MedSAM2ActionError) else MedSAM2ActionError(
+                        f"Sending the volume failed: {error}.")
+                if target.selection_changed():
+                    raise SelectionChangedError(SELECTION_CHANGED)
+                place()
+            except MedSAM2ActionError as action_error:
+                self.statusLabel.text = str(action_error)
+            finally:
+                self._endAction()
+
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)  # as Slicer's own long effects (Islands, Margin...)
+        self._waitCursor = True
+        show_upload()
+        self._reader = call_in_background(open_session, uploaded, self._startTimer, on_tick=show_upload)
+        return IN_BACKGROUND
+
+    def onPropagate(self):
         start, stop = (None if box.value < 0 else box.value for box in (self.rangeStartSpinBox, self.rangeStopSpinBox))
-        outcome = self._run(lambda controller, volume, segment_id: controller.propagate(
-            volume, EffectTarget(self.scriptedEffect), segment_id, direction=self.directionComboBox.currentText,
-            start=start, stop=stop, stop_after_empty=self.stopAfterEmptySpinBox.value or None, progress=progress))
-        if outcome is None:
-            return
+        options = {"direction": self.directionComboBox.currentText, "start": start, "stop": stop,
+                   "stop_after_empty": self.stopAfterEmptySpinBox.value or None}
+        self._run("propagating", lambda controller, volume, target: self._propagate(controller, target, options))
+
+    def _propagate(self, controller, target, options):
+        """Read the backend's slices on a worker thread and write them here, on the main thread, as they arrive:
+        Slicer stays responsive (scroll, look, Cancel) between slices. The console API stays synchronous."""
+        job = controller.begin_propagation(target.source_volume, target, target.segment_id, **options)
+        self.progressBar.maximum, self.progressBar.value = job.run.planned, 0
+
+        def apply(result):
+            if target.selection_changed():
+                controller.cancel()
+                raise SelectionChangedError(SELECTION_CHANGED)
+            job.apply(result)
+            self.progressBar.value = job.run.done
+
+        def finished(error):
+            try:
+                if error is not None:
+                    raise job.failure(error)
+                self._showOutcome(job.finish())
+            except MedSAM2ActionError as action_error:
+                self.statusLabel.text = str(action_error)
+            finally:
+                self._endAction()
+
+        self._reader = BackgroundReader(lambda: job.run, apply, finished)
+        self._reader.start(self._startTimer)
+        return IN_BACKGROUND
+
+    def _showOutcome(self, outcome):
         self.uncertainList.clear()
         for slice_info in outcome.least_certain:
             item = qt.QListWidgetItem(f"slice {slice_info.slice_index}: IoU {slice_info.iou:.2f}")
@@ -254,14 +406,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._removePrompt(-1)
 
     def _removePrompt(self, index):
-        outcome = self._run(lambda controller, volume, segment_id: prompt_list.remove_prompt(
-            controller, volume, EffectTarget(self.scriptedEffect), segment_id, index))
-        if outcome is not None:
+        def remove(controller, volume, target):
+            outcome = prompt_list.remove_prompt(controller, volume, target, target.segment_id, index)
             removed = _("Removed the prompt on slice {k}.").format(k=outcome.removed.slice_index)
             self.statusLabel.text = removed + " " + (
                 _("No prompt left: the segment was reset (Undo brings the prompt's result back).") if outcome.reset
                 else _("{n} prompt(s) replayed, {m} slices propagated again.").format(
                     n=outcome.remaining, m=outcome.propagated_slices))
+
+        self._run("removing a prompt", remove)
         self.refreshPrompts()
 
     def onDragMove(self, callerInteractor, viewWidget) -> bool:
@@ -308,24 +461,46 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.uncertainList.setCurrentRow(row)
         self.onJumpToSlice(self.uncertainList.item(row))
 
+    @staticmethod
+    def _startTimer(tick):
+        """The app-only part of working in the background: a QTimer calls `tick` on the main thread (every 20 ms,
+        with the event loop running in between). Assumes PythonQt's QTimer: `timeout()` signal, `start(msec)`."""
+        timer = qt.QTimer()
+        timer.connect("timeout()", tick)
+        timer.start(20)
+        return timer
+
     def onJumpToSlice(self, item):
         x, y, z = item.data(qt.Qt.UserRole)
         slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
 
-    def _run(self, action):
-        """Run one controller action for the selected volume/segment; show its error as one sentence."""
+    def _run(self, what, action):
+        """Run one controller action on the selected volume/segment, pinned to them and exclusive (the user keeps
+        working meanwhile); show its error as one sentence. An action that returns IN_BACKGROUND goes on after
+        this returns and calls `_endAction()` when done."""
         logic = shared_logic()
-        parameters = self.scriptedEffect.parameterSetNode()
-        volume, segment_id = parameters.GetSourceVolumeNode(), parameters.GetSelectedSegmentID()
         try:
             if logic.controller is None:
                 raise MedSAM2ActionError("Not connected: open the MedSAM2 module and connect first.")
-            if parameters.GetSegmentationNode() is None or volume is None or not segment_id:
+            target = EffectTarget(self.scriptedEffect)
+            if target.segmentation_node is None or target.source_volume is None or not target.segment_id:
                 raise MedSAM2ActionError("Select a segmentation, a source volume and a segment first.")
-            result = action(logic.controller, volume, segment_id)
+            logic.guard.acquire(what)
+            self._running = target
+            try:
+                result = action(logic.controller, target.source_volume, target)
+            except BaseException:
+                self._endAction()
+                raise
+            if result is not IN_BACKGROUND:
+                self._endAction()
         except MedSAM2ActionError as error:
             self.statusLabel.text = str(error)
-            return None
-        warning = getattr(result, "axis_warning", None)
-        self.statusLabel.text = warning or ""
-        return result
+
+    def _endAction(self):
+        self._running = None
+        self._reader = None
+        if self._waitCursor:
+            qt.QApplication.restoreOverrideCursor()
+            self._waitCursor = False
+        shared_logic().guard.release()

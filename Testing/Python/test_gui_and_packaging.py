@@ -10,106 +10,10 @@ import xml.etree.ElementTree as ET
 import pytest
 import slicer
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-MODULE_DIR = ROOT / "MedSAM2Slicer"
+import slicer_standins as standins  # this folder is on sys.path under pytest
+from slicer_standins import MODULE_DIR, fire, gui_stubs  # noqa: F401  (gui_stubs: a fixture)
 
-
-class Stub:
-    """Any attribute, any call, any assignment: enough of a Qt widget / app for setup code to run."""
-
-    def __init__(self, *args, **kwargs):
-        self.calls = []
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return Stub()
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append(args)
-        return Stub()
-
-
-class RecordingApp(Stub):
-    def __init__(self):
-        super().__init__()
-        self.connections = []
-
-    def connect(self, signal, slot):
-        self.connections.append((signal, slot))
-
-
-def _stub_module(name, **attrs):
-    module = types.ModuleType(name)
-    module.__getattr__ = lambda attr: Stub
-    module.__dict__.update(attrs)
-    return module
-
-
-@pytest.fixture
-def gui_stubs(monkeypatch):
-    """Fake `qt`, `ctk`, `slicer.app`, `slicer.ScriptedLoadableModule`, SegmentEditorEffects and the effects module."""
-    registered = []
-
-    class ScriptedEffect(Stub):
-        def setPythonSource(self, path):
-            """As qSlicerSegmentEditorScriptedEffect::setPythonSource: module = the file's folder name, class = its
-            base name (+ "Effect"); `PyImport_AddModule(module)` (an empty module when none is imported), and
-            `<module>.<class>` is instantiated when it exists, else the file is executed into that module. Executing
-            it over an imported package with other content (e.g. MedSAM2SlicerLib) would clobber it: refused here."""
-            folder, base = pathlib.PurePosixPath(path).parent.name, pathlib.PurePosixPath(path).stem
-            class_name = base if base.endswith("Effect") else base + "Effect"
-            module = sys.modules.setdefault(folder, types.ModuleType(folder))
-            if not isinstance(getattr(module, class_name, None), type):
-                assert set(vars(module)) <= {"__name__", "__doc__", "__package__", "__loader__", "__spec__"}, (
-                    f"Slicer would execute {path} over the imported package {folder}")
-                exec(compile(pathlib.Path(path).read_text(), path, "exec"), vars(module))
-            assert isinstance(getattr(module, class_name, None), type), f"{folder}.{class_name} is not a class"
-            registered.append(path)
-
-        def self(self):
-            return Stub()
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.layout = Stub()
-
-        def setup(self):
-            pass
-
-        def resourcePath(self, relative):
-            return str(MODULE_DIR / "Resources" / relative)
-
-    class AbstractScriptedSegmentEditorEffect:
-        def __init__(self, scriptedEffect):
-            self.scriptedEffect = scriptedEffect
-
-        def xyToRas(self, xy, viewWidget):  # the real one goes through scriptedEffect.xyToRas(QPoint, sliceWidget)
-            return [float(xy[0]), float(xy[1]), 7.0]
-
-    loadable = _stub_module(
-        "slicer.ScriptedLoadableModule",
-        ScriptedLoadableModule=type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: None}),
-        ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
-        ScriptedLoadableModuleTest=type("ScriptedLoadableModuleTest", (), {}))
-    i18n = types.ModuleType("slicer.i18n")  # strict: only what Slicer's i18n has that the code uses
-    i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
-    monkeypatch.setattr(slicer, "i18n", i18n, raising=False)  # slicer.i18n exists only in the app
-    for name, module in {
-        "qt": _stub_module("qt"), "ctk": _stub_module("ctk"), "slicer.i18n": i18n,
-        "slicer.ScriptedLoadableModule": loadable,
-        "SegmentEditorEffects": _stub_module(
-            "SegmentEditorEffects", AbstractScriptedSegmentEditorEffect=AbstractScriptedSegmentEditorEffect),
-        "qSlicerSegmentationsEditorEffectsPythonQt": _stub_module(
-            "qSlicerSegmentationsEditorEffectsPythonQt", qSlicerSegmentEditorScriptedEffect=ScriptedEffect),
-    }.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(slicer, "ScriptedLoadableModule", loadable, raising=False)
-    monkeypatch.setattr(slicer, "app", RecordingApp(), raising=False)
-    monkeypatch.delitem(sys.modules, "MedSAM2Slicer", raising=False)
-    monkeypatch.delitem(sys.modules, "SegmentEditorMedSAM2Lib", raising=False)
-    monkeypatch.delitem(sys.modules, "SegmentEditorMedSAM2Lib.SegmentEditorEffect", raising=False)
-    yield registered
+ROOT = MODULE_DIR.parent
 
 
 def _ui_names():
@@ -119,9 +23,10 @@ def _ui_names():
 def test_module_registers_the_effect_at_startup(gui_stubs):
     import MedSAM2Slicer
 
-    module = MedSAM2Slicer.MedSAM2Slicer(Stub())
-    assert module is not None
-    assert slicer.app.connections == [("startupCompleted()", MedSAM2Slicer.register_effect)]
+    parent = ModuleParent()
+    module = MedSAM2Slicer.MedSAM2Slicer(parent)
+    assert module is not None and parent.title == "MedSAM2"
+    assert slicer.app.connections[0] == ("startupCompleted()", MedSAM2Slicer.register_effect)
     MedSAM2Slicer.register_effect()
     path = pathlib.Path(gui_stubs[0])
     assert path == MODULE_DIR / "SegmentEditorMedSAM2Lib" / "SegmentEditorEffect.py" and path.is_file()
@@ -129,7 +34,31 @@ def test_module_registers_the_effect_at_startup(gui_stubs):
     assert path.stem in classes  # the Segment Editor instantiates the class named like the file
 
 
-def test_widget_sets_up_and_every_ui_name_it_uses_exists(gui_stubs, monkeypatch):
+class ModuleParent(standins.QObject):
+    """qSlicerScriptedLoadableModule's `parent`: the properties a module sets."""
+
+    PROPERTIES = {"title": "", "categories": [], "dependencies": [], "contributors": [], "helpText": "",
+                  "acknowledgementText": ""}
+
+
+def test_standins_refuse_names_qt_does_not_have(gui_stubs):
+    import qt
+
+    box = qt.QSpinBox()
+    box.value = 3
+    with pytest.raises(AttributeError):
+        box.valu = 3  # a misspelled property fails instead of being swallowed
+    with pytest.raises(AttributeError):
+        box.setValueText("x")
+    with pytest.raises(AttributeError):
+        qt.QPushButton("x").connect("clickd()", print)
+    with pytest.raises(AttributeError):
+        qt.QWidgetThatDoesNotExist  # noqa: B018
+    with pytest.raises(AttributeError):
+        slicer.app.processEvent()  # noqa: B018
+
+
+def test_widget_sets_up_and_every_ui_name_it_uses_exists(gui_stubs):
     import MedSAM2Slicer
     from MedSAM2SlicerLib import panel_settings
 
@@ -137,21 +66,8 @@ def test_widget_sets_up_and_every_ui_name_it_uses_exists(gui_stubs, monkeypatch)
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "MedSAM2Slicer.py").read_text()))
     used |= set(re.findall(r"\bui\.(\w+)", (MODULE_DIR / "MedSAM2Slicer.py").read_text()))
     assert len(used) > 20 and used <= names, used - names
-    store = {}  # QSettings survives the widget: a "restart" is a second widget reading the same store
 
-    class FakeSettings:
-        def value(self, key):
-            return store.get(key)
-
-        def setValue(self, key, value):
-            store[key] = value
-
-    monkeypatch.setattr(sys.modules["qt"], "QSettings", FakeSettings, raising=False)
-    monkeypatch.setattr(slicer.util, "loadUI", lambda path: Stub(), raising=False)
-    monkeypatch.setattr(slicer.util, "childWidgetVariables",
-                        lambda panel: types.SimpleNamespace(**{n: Stub() for n in names}), raising=False)
-
-    def new_widget():
+    def new_widget():  # QSettings' store survives the widget: a "restart" is a second widget reading it
         widget = MedSAM2Slicer.MedSAM2SlicerWidget()
         widget.setup()
         return widget
@@ -161,9 +77,10 @@ def test_widget_sets_up_and_every_ui_name_it_uses_exists(gui_stubs, monkeypatch)
     assert widget.panelSettings() == panel_settings.SETTINGS_DEFAULTS  # first start: the defaults
     assert widget.logic.preprocessing == {"preset": "soft_tissue"}
     assert widget.ui.localGroupBox.visible and not widget.ui.remoteGroupBox.visible
-    widget.ui.intensityModeComboBox.currentIndex = 1  # CT window (level / width)
+    widget.ui.intensityModeComboBox.currentIndex = 1  # CT window (level / width): the signal updates the logic
+    widget.ui.windowLevelSpinBox.setRange(-2000, 2000)
+    widget.ui.windowWidthSpinBox.setRange(1, 5000)
     widget.ui.windowLevelSpinBox.value, widget.ui.windowWidthSpinBox.value = -600.0, 1500.0
-    widget.onPreprocessingChanged()
     assert widget.logic.preprocessing == {"level": -600.0, "width": 1500.0}
     assert not widget.ui.ctPresetComboBox.enabled and widget.ui.windowLevelSpinBox.enabled
     widget.ui.backendComboBox.currentIndex = 1
@@ -171,10 +88,9 @@ def test_widget_sets_up_and_every_ui_name_it_uses_exists(gui_stubs, monkeypatch)
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     widget.ui.serverUrlLineEdit.text = url
-    widget.onBackendChanged()
     assert widget.ui.remoteGroupBox.visible and not widget.ui.localGroupBox.visible
     widget.saveSettings()
-    assert set(store) == {f"MedSAM2/{key}" for key in panel_settings.SETTINGS_DEFAULTS}
+    assert set(standins.QSettings.store) == {f"MedSAM2/{key}" for key in panel_settings.SETTINGS_DEFAULTS}
 
     restarted = new_widget()
     settings = restarted.panelSettings()
@@ -182,108 +98,35 @@ def test_widget_sets_up_and_every_ui_name_it_uses_exists(gui_stubs, monkeypatch)
         "remote", url, "ct_window", -600.0)
     assert restarted.logic.preprocessing == {"level": -600.0, "width": 1500.0}
     restarted.ui.intensityModeComboBox.currentIndex = 2  # MR / other
-    restarted.onPreprocessingChanged()
     assert restarted.logic.preprocessing is None  # the backend's default 0.5-99.5 percentiles
     restarted.ui.percentileLowSpinBox.value = 1.0
-    restarted.onPreprocessingChanged()
     assert restarted.logic.preprocessing == {"percentiles": [1.0, 99.5]}
-    restarted.onTestConnection()  # remote, not connected yet: connects, then the refused connection is a sentence
+    fire(restarted.ui.testConnectionButton, "clicked()")  # remote, not connected: connects, refused: a sentence
     assert f"No MedSAM2 server answers at {url}" in restarted.ui.statusLabel.text
-    restarted.logic.close()
+    restarted.cleanup()
 
 
 def test_effect_imports_and_builds_its_options(gui_stubs):
+    import qt
     from SegmentEditorMedSAM2Lib import SegmentEditorEffect
 
-    scripted = Stub()
+    scripted = standins.ScriptedEffect()
     effect = SegmentEditorEffect(scripted)
     assert scripted.name == "MedSAM2" and effect.scriptedEffect is scripted
     effect.setupOptionsFrame()
-    for name in ("directionComboBox", "rangeStartSpinBox", "rangeStopSpinBox", "stopAfterEmptySpinBox",
-                 "propagateButton", "cancelButton", "progressBar", "uncertainList"):
-        assert isinstance(getattr(effect, name), Stub), name
+    for name, kind in (("directionComboBox", qt.QComboBox), ("rangeStartSpinBox", qt.QSpinBox),
+                       ("rangeStopSpinBox", qt.QSpinBox), ("stopAfterEmptySpinBox", qt.QSpinBox),
+                       ("propagateButton", qt.QPushButton), ("cancelButton", qt.QPushButton),
+                       ("progressBar", qt.QProgressBar), ("uncertainList", qt.QListWidget)):
+        assert isinstance(getattr(effect, name), kind), name
     assert effect.rangeStartSpinBox.value == -1 and effect.rangeStopSpinBox.specialValueText == "last"
     assert "Propagate" in effect.helpText()
     effect.clone()
     assert gui_stubs[-1].endswith("SegmentEditorMedSAM2Lib/SegmentEditorEffect.py")
-
-
-
-class FakeInteractor:
-    """The vtkRenderWindowInteractor calls the effect makes (GetEventPosition, Get{Control,Shift,Alt}Key)."""
-
-    def __init__(self, xy, control=False, shift=False, alt=False):
-        self.xy, self.control, self.shift, self.alt = xy, control, shift, alt
-
-    def GetEventPosition(self):
-        return self.xy
-
-    def GetControlKey(self):
-        return int(self.control)
-
-    def GetShiftKey(self):
-        return int(self.shift)
-
-    def GetAltKey(self):
-        return int(self.alt)
-
-
-class FakeSliceWidget(Stub):
-    def className(self):
-        return "qMRMLSliceWidget"
-
-    def sliceLogic(self):
-        import vtk
-
-        return types.SimpleNamespace(GetSliceNode=lambda: types.SimpleNamespace(GetSliceToRAS=vtk.vtkMatrix4x4))
-
-
-def test_effect_turns_clicks_and_drags_into_prompts(gui_stubs, mrml):  # mrml: the app always has a scene
-    import vtk
-    from SegmentEditorMedSAM2Lib import SegmentEditorEffect
-
-    class ScriptedEffect(Stub):
-        NotConfirmed, ConfirmedWithoutDialog, ConfirmedWithDialog = 0, 1, 2
-        answer = 1
-
-        def confirmCurrentSegmentVisible(self):
-            return self.answer
-
-    scripted = ScriptedEffect()
-    effect = SegmentEditorEffect(scripted)
-    effect.setupOptionsFrame()
-    prompts = []
-
-    def fake_run(action):
-        controller = types.SimpleNamespace(add_prompt=lambda volume, target, segment, **kw: prompts.append(kw))
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(sys.modules[SegmentEditorEffect.__module__], "EffectTarget", lambda scripted: None)
-            action(controller, "volume", "segment")
-
-    effect._run = fake_run
-    view, press, release = FakeSliceWidget(), vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonReleaseEvent
-    three_d = Stub()
-    three_d.className = lambda: "qMRMLThreeDWidget"
-    assert effect.processInteractionEvents(FakeInteractor((10, 20)), press, three_d) is False  # slice views only
-    assert effect.processInteractionEvents(FakeInteractor((10, 20)), press, view) is True  # aborts window/level
-    assert effect.processInteractionEvents(FakeInteractor((11, 21)), release, view) is True
-    assert prompts[-1]["points_ras"] == [[11.0, 21.0, 7.0]] and prompts[-1]["labels"] == [1]
-    assert prompts[-1]["slice_to_ras"].shape == (4, 4)
-    effect.processInteractionEvents(FakeInteractor((10, 20), control=True), press, view)
-    effect.processInteractionEvents(FakeInteractor((10, 20), control=True), release, view)
-    assert prompts[-1]["labels"] == [0]  # Ctrl+click: a negative point
-    effect.processInteractionEvents(FakeInteractor((10, 20)), press, view)
-    effect.processInteractionEvents(FakeInteractor((40, 60)), release, view)
-    assert prompts[-1]["box_corners_ras"] == [[10.0, 20.0, 7.0], [40.0, 60.0, 7.0]]
-    count = len(prompts)
-    assert effect.processInteractionEvents(FakeInteractor((10, 20), alt=True), press, view) is False
-    assert effect.processInteractionEvents(FakeInteractor((10, 20)), release, view) is False
-    scripted.answer = ScriptedEffect.NotConfirmed  # hidden segment, user said no
-    assert effect.processInteractionEvents(FakeInteractor((10, 20)), press, view) is True
-    assert effect.processInteractionEvents(FakeInteractor((10, 20)), release, view) is False
-    assert len(prompts) == count
     effect.cleanup()  # disconnects without error
-    SegmentEditorEffect(Stub()).cleanup()  # and is harmless before setupOptionsFrame
+    assert not standins.connected(effect.propagateButton, "clicked()")
+    SegmentEditorEffect(standins.ScriptedEffect()).cleanup()  # and is harmless before setupOptionsFrame
+
 
 def test_library_never_imports_qt_ctk_or_the_app():
     for path in (MODULE_DIR / "MedSAM2SlicerLib").glob("*.py"):
@@ -300,9 +143,10 @@ def test_cmake_lists_every_python_file_and_resource():
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "MedSAM2Slicer")
     listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui))\s*$", cmake, re.M))
     client_listed = {p for p in listed if p.startswith("medsam2_client/")}
+    engine_listed = {p for p in listed if p.startswith("medsam2_backend/")}  # the self-test's engine (below)
     on_disk = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*")
                if p.suffix in (".py", ".png", ".ui") and "__pycache__" not in p.parts}
-    assert listed - client_listed == on_disk
+    assert listed - client_listed - engine_listed == on_disk
     # The client ships from its one copy in backend/src (no second copy in the module to keep in step).
     client_dir = ROOT / "backend" / "src"
     assert client_listed == {str(p.relative_to(client_dir)) for p in (client_dir / "medsam2_client").glob("*.py")}
@@ -321,3 +165,32 @@ def test_extensions_index_entry_is_complete():
     assert entry["category"] == "Segmentation"
     assert entry["scm_url"].endswith(".git") and entry["scm_revision"]
     assert entry["build_dependencies"] == ["PyTorch"]  # the PyTorch extension installs torch for the GPU driver
+
+
+def test_the_self_test_engine_ships_with_everything_it_imports_at_load_and_nothing_slicer_lacks():
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    block = re.search(r"set\(MEDSAM2_TEST_ENGINE_PYTHON_SCRIPTS\n(.*?)\)", cmake, re.S).group(1)
+    shipped = set(block.split())
+    src = ROOT / "backend" / "src"
+    slicers_python = {"numpy", "scipy", "PIL", "__future__", "abc", "dataclasses", "threading", "typing"}
+    for relative in shipped:
+        path = src / relative
+        tree = ast.parse(path.read_text())
+        for node in tree.body:  # module level: what runs at import (load_engine imports SAM-2 lazily, inside)
+            if isinstance(node, ast.Import):
+                assert {a.name.split(".")[0] for a in node.names} <= slicers_python, (relative, ast.dump(node))
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module.split(".")[0] in slicers_python, (relative, node.module)
+            elif isinstance(node, ast.ImportFrom):
+                target = f"{pathlib.PurePosixPath(relative).parent}/{node.module}.py"
+                assert target in shipped, (relative, target)
+    assert re.search(r"DESTINATION_DIR .*/MedSAM2SlicerTesting\n", cmake)
+    module = (MODULE_DIR / "MedSAM2Slicer.py").read_text()
+    assert '"MedSAM2SlicerTesting"' in module and "sys.path.append(TEST_ENGINE_DIR)" in module
+
+
+def test_the_in_app_self_test_runs_its_scenarios_headless(gui_stubs, mrml):
+    import MedSAM2Slicer
+
+    engine_class = MedSAM2Slicer.self_test_engine_class()
+    MedSAM2Slicer.MedSAM2SlicerTest().test_scenarios(engine_class)  # the effect part needs the app's widgets

@@ -141,6 +141,23 @@ def ras_box_to_slice_box(corners_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: 
     return slice_index, np.array([low[0], low[1], high[0], high[1]])
 
 
+def view_rectangle_corners(corners_ras: np.ndarray, slice_to_ras: np.ndarray) -> np.ndarray:
+    """Two opposite corners (RAS) of a box drawn in a view -> the box's four corners (RAS), at their mean depth.
+
+    A box is a rectangle in the *view*. On a volume rotated within the view plane, the slice-pixel bounding
+    rectangle of just two corners is another, distorted box (a 12 x 12 mm square at 25 degrees becomes 16 x 5.7);
+    of all four it contains the drawn box, as SAM-2's axis-aligned boxes must. More than two corners (an ROI's 8)
+    are returned as they are.
+    """
+    corners = np.asarray(corners_ras, float)
+    if len(corners) != 2:
+        return corners
+    in_view = ijk_to_ras(corners, np.linalg.inv(slice_to_ras))  # (any 4x4 applied to points) RAS -> view x, y, z
+    (x0, y0), (x1, y1), depth = in_view[0, :2], in_view[1, :2], in_view[:, 2].mean()
+    rectangle = np.array([[x0, y0, depth], [x1, y0, depth], [x1, y1, depth], [x0, y1, depth]])
+    return ijk_to_ras(rectangle, np.asarray(slice_to_ras, float))
+
+
 def slice_extent_ijk(axis: int, first: int, last: int, shape_kji: tuple[int, int, int]) -> list[int]:
     """The IJK extent [i0, i1, j0, j1, k0, k1] of slices first..last along K,J,I array axis `axis`."""
     bounds_kji = [[0, n - 1] for n in shape_kji]

@@ -32,12 +32,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--idle-timeout", type=float, default=protocol.DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS")
     p.add_argument("--max-upload-mb", type=float, default=protocol.DEFAULT_MAX_UPLOAD_BYTES / 2**20)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--exit-with-stdin", action="store_true",
+                   help="exit when standard input closes (for a parent that starts the server with a pipe, such as "
+                        "the Slicer extension: the server then ends with it). Off by default: docker run without "
+                        "-i, systemd and tests give no stdin")
     return p.parse_args(argv)
 
 
 def _fail(message: str) -> int:
     print(f"medsam2-server: {message}", file=sys.stderr)
     return 2
+
+
+def exit_when_stdin_closes() -> None:
+    """Stop the server (SIGTERM: uvicorn's clean shutdown, or the default exit while loading) once stdin is at EOF."""
+    import signal
+    import threading
+
+    fd = sys.stdin.fileno()
+
+    def wait_for_eof():
+        # os.read on the descriptor, not sys.stdin's buffered reader: a daemon thread holding that reader's lock
+        # makes the interpreter abort at exit ("could not acquire lock for <stdin> at interpreter shutdown").
+        while os.read(fd, 65536):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait_for_eof, name="exit-with-stdin", daemon=True).start()
 
 
 def main(argv=None) -> int:
@@ -61,6 +82,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # SAM-2 draws a progress bar per propagation
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    if args.exit_with_stdin:
+        exit_when_stdin_closes()
     import uvicorn
 
     from ..engine import DiskEngine, EngineInputError, load_engine
