@@ -15,6 +15,7 @@ import uvicorn
 
 from medsam2_backend.engine import DiskEngine
 from medsam2_backend.server import make_app
+from medsam2_backend.server.transport import uvicorn_config
 from medsam2_client import MedSAM2Client, errors
 
 
@@ -25,10 +26,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def thread_server(engine, **options):
-    """`make_app(engine, **options)` served by uvicorn on a free loopback port; yields its URL."""
+def thread_server(engine, header_timeout_s: float = 10.0, max_connections: int = 64, **options):
+    """`make_app(engine, **options)` served as `medsam2-server` serves it, on a free loopback port; yields its URL."""
     app = make_app(engine, **options)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", free_port(), log_level="warning",
+                                           max_connections=max_connections, header_timeout_s=header_timeout_s))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -109,3 +111,12 @@ def box_mask(shape, box, shrink: int = 0) -> np.ndarray:
 
 def random_volume(shape, seed=0, dtype=np.int16) -> np.ndarray:
     return np.random.default_rng(seed).integers(-500, 1500, shape).astype(dtype)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """A process's lifetime peak resident memory (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")

@@ -13,7 +13,7 @@ from server_helpers import SlowDiskEngine, box_mask, random_volume, thread_serve
 
 @pytest.fixture(scope="module")
 def server():
-    with thread_server(DiskEngine(radius=5, shrink=1), token="t0ken") as (url, app):
+    with thread_server(DiskEngine(radius=5, shrink=1), token="t0ken", eviction_grace_s=0.5) as (url, app):
         yield url, app
 
 
@@ -127,7 +127,8 @@ def test_eight_clients_at_once_get_their_own_results(server):
 def test_memory_eviction_is_handled_by_a_transparent_reopen():
     vol_bytes = 8 * 64 * 64 * 2
     # Room for two volumes with one object each, not for three.
-    with thread_server(DiskEngine(radius=5, shrink=1), memory_budget_bytes=int(2.5 * vol_bytes * 1.5)) as (url, app):
+    with thread_server(DiskEngine(radius=5, shrink=1), memory_budget_bytes=int(2.5 * vol_bytes * 1.5),
+                       eviction_grace_s=0) as (url, app):
         c = MedSAM2Client(url)
         sessions = [c.open_session(random_volume((8, 64, 64), seed=i)) for i in range(3)]
         sessions[0].add_prompt(2, 3, box=(10, 10, 30, 30))

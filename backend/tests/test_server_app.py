@@ -24,6 +24,11 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SHAPE = (8, 30, 40)
 
 
+def local(app) -> TestClient:
+    """A test client that talks to the app as a loopback client does (Host 127.0.0.1)."""
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
 def upload_body(vol, codec="raw", spacing=(1.0, 1.0, 1.0), axis=0) -> bytes:
     header, chunks = wire.encode_volume(vol, spacing, axis, codec)
     return header + b"".join(chunks)
@@ -48,7 +53,7 @@ def slice_of(response) -> wire.SliceFrame:
 
 @pytest.fixture
 def http():
-    with TestClient(make_app(DiskEngine(radius=4, shrink=1), token=TOKEN, max_upload_bytes=1 << 20,
+    with local(make_app(DiskEngine(radius=4, shrink=1), token=TOKEN, max_upload_bytes=1 << 20,
                              memory_budget_bytes=64 << 20)) as client:
         yield client
 
@@ -85,7 +90,16 @@ def test_health_needs_no_token_but_everything_else_does(http):
     assert caps["engine"]["engine"] == "disk-test-engine" and caps["engine"]["checkpoint"] == "none"
     assert caps["limits"]["max_upload_bytes"] == 1 << 20
     assert caps["prompt_types"] == ["points", "box", "mask"] and "warning" not in caps
-    assert "/v1/sessions/{session_id}/propagate" in http.get("/openapi.json").json()["paths"]
+    for path in ("/docs", "/redoc", "/openapi.json"):  # off by default
+        assert_error(http.get(path, headers=AUTH), 404, "not_found")
+
+
+def test_docs_when_asked_for_are_behind_the_token():
+    with local(make_app(DiskEngine(), token=TOKEN, docs=True)) as http:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert_error(http.get(path), 401, "unauthorized")
+            assert http.get(path, headers=AUTH).status_code == 200
+        assert "/v1/sessions/{session_id}/propagate" in http.get("/openapi.json", headers=AUTH).json()["paths"]
 
 
 def test_protocol_version_mismatch_is_named(http):
@@ -189,7 +203,7 @@ def test_bad_prompts(http, sid, body, words):
 def test_nan_point_and_bad_json(http, sid):
     r = http.post(protocol.PROMPTS.format(session_id=sid), headers={**AUTH, "Content-Type": "application/json"},
                   content=b'{"obj_id": 1, "slice_index": 2, "points": [[NaN, 3]], "labels": [1]}')
-    assert_error(r, 400, "bad_request", "NaN")
+    assert_error(r, 400, "bad_request", "points", "finite number")
     r = http.post(protocol.PROMPTS.format(session_id=sid), headers={**AUTH, "Content-Type": "application/json"},
                   content=b'{"obj_id": 1,')
     assert_error(r, 400, "bad_request")
@@ -225,8 +239,8 @@ def test_unknown_session_route_and_preprocessing(http, sid):
     assert_error(http.get("/v1/nothing-here", headers=AUTH), 404, "not_found")
     url = protocol.PREPROCESSING.format(session_id=sid)
     assert_error(http.put(url, json={"preset": "kidney"}, headers=AUTH), 400, "bad_request", "preset")
-    assert_error(http.put(url, json={"level": "high", "width": 3}, headers=AUTH), 400, "bad_request", "numbers")
-    assert_error(http.put(url, json={"gamma": 2}, headers=AUTH), 400, "bad_request", "fields")
+    assert_error(http.put(url, json={"level": "high", "width": 3}, headers=AUTH), 400, "bad_request", "level", "number")
+    assert_error(http.put(url, json={"gamma": 2}, headers=AUTH), 400, "bad_request", "gamma", "not permitted")
     assert http.put(url, json={"preset": "lung"}, headers=AUTH).json() == {"ok": True}
     assert_good_request_works(http, sid)
     r = http.delete(protocol.OBJECT.format(session_id=sid, obj_id=1), headers=AUTH)
@@ -235,17 +249,21 @@ def test_unknown_session_route_and_preprocessing(http, sid):
     assert_error(r, 400, "bad_request", "Nothing to propagate")
 
 
-def test_idle_sessions_expire():
-    with TestClient(make_app(DiskEngine(), idle_timeout_s=0.3)) as http:
+def test_idle_sessions_expire_in_the_background():
+    with local(make_app(DiskEngine(), idle_timeout_s=0.3, reaper_period_s=0.1)) as http:
         sid = open_session(http, random_volume(SHAPE))
-        time.sleep(0.5)
+        opened = time.monotonic()
+        while http.app.state.manager.stats()["sessions"] and time.monotonic() - opened < 3:
+            time.sleep(0.02)  # no request arrives meanwhile: the reaper alone frees the session
+        assert http.app.state.manager.stats()["sessions"] == 0
+        assert time.monotonic() - opened < 0.3 + 0.1 + 0.3  # its timeout plus the reaper's period (and slack)
         r = http.post(protocol.PROMPTS.format(session_id=sid), json={"obj_id": 1, "slice_index": 0,
                                                                      "box": [1, 1, 5, 5]})
         assert_error(r, 410, "session_expired", "idle")
 
 
 def test_too_many_sessions_evicts_the_least_recently_used():
-    with TestClient(make_app(DiskEngine(), max_sessions=2)) as http:
+    with local(make_app(DiskEngine(), max_sessions=2, eviction_grace_s=0)) as http:
         ids = [open_session(http, random_volume(SHAPE, seed=i)) for i in range(3)]
         assert http.app.state.manager.stats()["sessions"] == 2
         r = http.post(protocol.PROMPTS.format(session_id=ids[0]), json={"obj_id": 1, "slice_index": 0,
@@ -257,7 +275,7 @@ def test_too_many_sessions_evicts_the_least_recently_used():
 
 
 def test_a_volume_over_the_memory_budget_is_refused():
-    with TestClient(make_app(DiskEngine(), memory_budget_bytes=10_000)) as http:
+    with local(make_app(DiskEngine(), memory_budget_bytes=10_000)) as http:
         r = http.post(protocol.SESSIONS, content=upload_body(random_volume(SHAPE)),
                       headers={"Content-Type": wire.VOLUME_MEDIA_TYPE})
         assert_error(r, 413, "too_large", "memory budget")

@@ -2,8 +2,11 @@
 
 `RemoteSession` mirrors the engine's `VolumeSession` (same method and field names), so a caller can use either.
 A volume the server already holds (same fingerprint) is not uploaded again. When the server has dropped a
-session (idle timeout, memory eviction, restart), the session is re-opened once, transparently: the volume is
-re-sent if needed and the prompts of the live objects are replayed, then the call is retried.
+session (idle timeout, eviction, restart), the session is re-opened transparently (up to `MAX_REOPENS` times per
+call): the volume is re-sent only if the server no longer has it, the prompts of the live objects are replayed,
+then the call is retried. A busy server (more users than it has room for) answers with `Retry-After`: the client
+waits as told, backing off, for up to `busy_retry_s` in all (default `protocol.CLIENT_BUSY_RETRY_S`, 90 s), then
+raises `errors.Busy`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import dataclasses
 import http.client
 import io
 import json
+import random
 import socket
+import time
 import urllib.parse
 
 import numpy as np
 
 from . import errors, protocol, wire
 
+MAX_REOPENS = 3
 
 @dataclasses.dataclass
 class SliceMask:
@@ -37,7 +43,8 @@ class MedSAM2Client:
     """A connection profile for one server. `codec` "raw" or "zlib" (default: raw on loopback, else zlib)."""
 
     def __init__(self, url: str = f"http://127.0.0.1:{protocol.DEFAULT_PORT}", token: str | None = None,
-                 timeout: float = 120.0, connect_timeout: float = 5.0, codec: str | None = None):
+                 timeout: float = 120.0, connect_timeout: float = 5.0, codec: str | None = None,
+                 busy_retry_s: float = protocol.CLIENT_BUSY_RETRY_S):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise errors.BadRequest(f"The server address {url!r} is not an http:// or https:// URL.")
@@ -47,6 +54,7 @@ class MedSAM2Client:
         self.token = token
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.codec = codec or ("raw" if protocol.is_loopback(self._host) else "zlib")
+        self.busy_retry_s = busy_retry_s
         self._compatible = False
 
     # ---- public -----------------------------------------------------------------------------------------------
@@ -106,8 +114,32 @@ class MedSAM2Client:
     def _translated_errors(self):
         return _TranslatedErrors(self)
 
+    def retrying_busy(self, call):
+        """`call()`, retried while the server answers busy with a Retry-After, for up to `busy_retry_s` in all."""
+        deadline = time.monotonic() + self.busy_retry_s
+        pause = 0.5
+        while True:
+            try:
+                return call()
+            except errors.Busy as e:
+                remaining = deadline - time.monotonic()
+                if e.retry_after is None:
+                    raise
+                if remaining <= 0:
+                    raise errors.Busy(f"{e} It stayed busy for {self.busy_retry_s:g} s; try again later.",
+                                      e.code) from None
+                time.sleep(min(max(e.retry_after, pause) * random.uniform(1.0, 1.3), remaining))
+                pause = min(2 * pause, 8.0)
+
     def request(self, method: str, path: str, body=None, headers: dict | None = None) -> http.client.HTTPResponse:
-        """Send one request; a non-2xx answer raises the typed error. The caller reads (and closes) the response."""
+        """Send one request; a non-2xx answer raises the typed error. The caller reads (and closes) the response.
+
+        A request whose body can be sent again is retried while the server is busy (see `retrying_busy`)."""
+        if body is None or isinstance(body, bytes):
+            return self.retrying_busy(lambda: self._request_once(method, path, body, headers))
+        return self._request_once(method, path, body, headers)
+
+    def _request_once(self, method: str, path: str, body, headers: dict | None) -> http.client.HTTPResponse:
         conn = self._connect()
         try:
             with self._translated_errors():
@@ -123,7 +155,9 @@ class MedSAM2Client:
                     payload = json.loads(raw)
                 except ValueError:
                     payload = None
-                raise errors.from_error_body(payload, response.status)
+                error = errors.from_error_body(payload, response.status)
+                error.retry_after = _seconds(response.getheader("Retry-After"))
+                raise error
             return response
         except BaseException:
             conn.close()
@@ -139,6 +173,9 @@ class MedSAM2Client:
 
     def upload_volume(self, volume: np.ndarray, fingerprint: str, spacing, axis: int,
                       preprocessing: dict | None) -> dict:
+        return self.retrying_busy(lambda: self._upload_once(volume, fingerprint, spacing, axis, preprocessing))
+
+    def _upload_once(self, volume, fingerprint, spacing, axis, preprocessing) -> dict:
         header, chunks = wire.encode_volume(volume, spacing, axis, self.codec, fingerprint)
         extra = {"Content-Type": wire.VOLUME_MEDIA_TYPE}
         if preprocessing:
@@ -178,6 +215,13 @@ class _TranslatedErrors:
                 f"The connection to the MedSAM2 server at {url} was lost ({type(exc).__name__}). Check that the "
                 f"server is still running, then try again.") from exc
         return False
+
+
+def _seconds(header: str | None) -> float | None:
+    try:
+        return max(0.0, float(header)) if header is not None else None
+    except ValueError:
+        return None
 
 
 def _chain(header: bytes, chunks):
@@ -222,15 +266,20 @@ class RemoteSession:
         return route.format(session_id=self.session_id, **params)
 
     def _reopening(self, call):
-        """Run `call`; if the server dropped the session, re-open it, replay the prompts and run it once more."""
-        try:
-            return call()
-        except errors.SessionExpired:
-            self._open()
-            for body in self._prompts:
-                self._send_prompt(body)
+        """Run `call`; if the server dropped the session, re-open it, replay the prompts and run it again."""
+        for _ in range(MAX_REOPENS):
+            try:
+                return call()
+            except errors.SessionExpired:
+                pass
+            try:
+                self._open()
+                for body in self._prompts:
+                    self._send_prompt(body)
+            except errors.SessionExpired:
+                continue  # dropped again while re-opening (a crowded server): start over
             self.reopened += 1
-            return call()
+        return call()
 
     # ---- the engine session's methods ---------------------------------------------------------------------------
     def add_prompt(self, obj_id: int, slice_index: int, *, points=None, labels=None, box=None, mask=None,

@@ -42,7 +42,14 @@ DEFAULT_MAX_SESSIONS = 8
 DEFAULT_MEMORY_BUDGET_BYTES = 8 << 30
 DEFAULT_IDLE_TIMEOUT_S = 30 * 60
 DEFAULT_MAX_UPLOAD_BYTES = 2 << 30
-MAX_JSON_BYTES = 64 << 20  # a JSON request (a mask prompt is a few kB compressed)
+MAX_JSON_BYTES = 4 << 20  # any JSON request; a worst-case 4096^2 mask prompt is ~2.8 MiB of base64
+DEFAULT_EVICTION_GRACE_S = 60.0  # a session used this recently is never evicted for another
+MAX_OBJECTS_PER_SESSION = 64
+DEFAULT_MAX_CONNECTIONS = 64
+HEADER_TIMEOUT_S = 10.0  # a connection must have sent its request's headers by then
+DEFAULT_BODY_IDLE_S = 30.0  # a request body that stops arriving for this long is refused
+DEFAULT_STALL_TIMEOUT_S = 60.0  # a propagation whose client reads nothing for this long is cancelled
+CLIENT_BUSY_RETRY_S = 90.0  # how long the client retries a busy server (honouring Retry-After) before raising
 
 PROMPT_TYPES = ("points", "box", "mask")
 DIRECTIONS = ("both", "forward", "backward")

@@ -141,8 +141,11 @@ def parse_volume_header(data: bytes, max_raw_bytes: int) -> VolumeHeader:
                               f"{VOLUME_VERSION}); update the client or the server so they match.")
     if code not in DTYPES:
         raise WireFormatError(f"Unknown voxel type code {code}.")
-    if codec not in CODECS.values() or reserved != 0:
-        raise WireFormatError(f"Unknown codec {codec}.")
+    if codec not in CODECS.values():
+        known = ", ".join(f"{v} ({k})" for k, v in CODECS.items())
+        raise WireFormatError(f"Unknown codec {codec}; this server reads {known}.")
+    if reserved != 0:
+        raise WireFormatError(f"The volume header's reserved byte must be 0, not {reserved}.")
     if axis not in (0, 1, 2):
         raise WireFormatError(f"The propagation axis must be 0, 1 or 2, not {axis}.")
     if min(shape) < 1 or max(shape) > MAX_SIDE:
@@ -158,10 +161,15 @@ def parse_volume_header(data: bytes, max_raw_bytes: int) -> VolumeHeader:
 
 
 class VolumeDecoder:
-    """Decodes an upload as its bytes arrive: header checked first, voxels written straight into the array."""
+    """Decodes an upload as its bytes arrive: header checked first, voxels written straight into the array.
 
-    def __init__(self, max_raw_bytes: int):
+    `admit(header)`, called after the header is checked and before the array is allocated, may raise to refuse
+    the upload (the server reserves the declared size against its memory budget there).
+    """
+
+    def __init__(self, max_raw_bytes: int, admit=None):
         self.max_raw_bytes = max_raw_bytes
+        self.admit = admit
         self.header: VolumeHeader | None = None
         self._pending = b""
         self._array = self._out = self._hash = self._unzip = None
@@ -172,7 +180,10 @@ class VolumeDecoder:
             self._pending += chunk
             if len(self._pending) < VOLUME_HEADER_SIZE:
                 return
-            self.header = h = parse_volume_header(self._pending, self.max_raw_bytes)
+            h = parse_volume_header(self._pending, self.max_raw_bytes)
+            if self.admit is not None:
+                self.admit(h)
+            self.header = h
             self._array = np.empty(h.shape, h.dtype)
             self._out = memoryview(self._array).cast("B")
             self._hash = hashlib.blake2b(_identity(_dtype_code(h.dtype), h.shape), digest_size=16)
@@ -226,10 +237,19 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return _MASK_HEADER.pack(*mask.shape, y0, x0, *crop.shape) + zlib.compress(np.packbits(crop).tobytes(), 1)
 
 
-def decode_mask(data: bytes | memoryview) -> np.ndarray:
-    """The full-slice bool mask rebuilt from `encode_mask`'s bytes."""
+def mask_shape(data: bytes | memoryview) -> tuple[int, int]:
+    """The (height, width) a mask declares, read before anything is allocated for it."""
     if len(data) < _MASK_HEADER.size:
         raise WireFormatError("A slice mask is shorter than its header.")
+    return _MASK_HEADER.unpack_from(data)[:2]
+
+
+def decode_mask(data: bytes | memoryview, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The full-slice bool mask rebuilt from `encode_mask`'s bytes; with `expected_shape`, a mask of another
+    shape is refused before it is decoded."""
+    declared = mask_shape(data)
+    if expected_shape is not None and declared != tuple(expected_shape):
+        raise WireFormatError(f"A mask prompt must have the slice's shape {tuple(expected_shape)}, got {declared}.")
     height, width, y0, x0, h, w = _MASK_HEADER.unpack_from(data)
     if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE) or y0 + h > height or x0 + w > width:
         raise WireFormatError(f"A slice mask declares an impossible geometry ({height}x{width}, box at "
