@@ -128,7 +128,7 @@ def test_propagation_through_test_client(http, sid):
     frames = []
     while (item := wire.read_frame(f)) is not None:
         frames.append(item)
-    assert frames[0] == (wire.START, b'{"planned": 5}')
+    assert frames[0] == (wire.START, b'{"planned": 5, "window": 32}')
     slices = {s.slice_index: s for s in (wire.parse_slice(p) for k, p in frames if k == wire.SLICE)}
     assert sorted(slices) == [2, 3, 4, 5, 6]
     for k, s in slices.items():

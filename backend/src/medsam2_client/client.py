@@ -356,11 +356,14 @@ class RemotePropagation:
         self._cancelled = False
         self.summary: PropagationSummary | None = None
         self.done = 0
+        self.received = 0  # slice frames read (and acknowledged every few, so the server keeps computing)
         try:
             kind, payload = self._next_frame()
             if kind != wire.START:
                 raise errors.ServerError("The server's propagation stream did not start properly; check its log.")
-            self.planned = json.loads(payload)["planned"]
+            start = json.loads(payload)
+            self.planned = start["planned"]
+            self._ack_every = max(1, start["window"] // 2)  # acknowledge well before the server's window is full
         except BaseException:
             self.close()  # nobody will iterate this stream: free its connection now
             raise
@@ -386,10 +389,19 @@ class RemotePropagation:
                 elif kind == wire.SLICE:
                     f = wire.parse_slice(payload)
                     self.done = f.done
+                    self.received += 1
+                    if self.received % self._ack_every == 0:
+                        self._acknowledge()
                     if not self._cancelled:
                         yield _slice_mask(f)
         finally:
             self.close()
+
+    def _acknowledge(self) -> None:
+        try:
+            self._client.request_json("POST", self._session._path(protocol.ACKNOWLEDGE), {"received": self.received})
+        except errors.SessionExpired:
+            pass  # the stream's own frames say how it ends
 
     def cancel(self) -> None:
         """Ask the server to stop after the slice it is computing (safe from any thread)."""

@@ -6,7 +6,7 @@ when a request or response changes incompatibly; the client refuses a server wit
 
 import ipaddress
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: one JSON open, volumes uploaded by fingerprint, acknowledged propagation streams
 API_PREFIX = "/v1"
 
 # Routes (the session id and object id are path parameters).
@@ -19,6 +19,7 @@ PROPAGATE = SESSION + "/propagate"
 CANCEL = SESSION + "/cancel"
 PREPROCESSING = SESSION + "/preprocessing"
 OBJECT = SESSION + "/objects/{obj_id}"
+ACKNOWLEDGE = PROPAGATE + "/ack"  # the client has read N slices of the running propagation
 
 # Stable error codes and the HTTP status each is sent with.
 BAD_REQUEST = "bad_request"
@@ -49,6 +50,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 HEADER_TIMEOUT_S = 10.0  # a connection must have sent its request's headers by then
 DEFAULT_BODY_IDLE_S = 30.0  # a request body that stops arriving for this long is refused
 DEFAULT_STALL_TIMEOUT_S = 60.0  # a propagation whose client reads nothing for this long is cancelled
+PROPAGATION_WINDOW = 32  # slices the server computes beyond what the client has acknowledged
 CLIENT_BUSY_RETRY_S = 90.0  # how long the client retries a busy server (honouring Retry-After) before raising
 
 PROMPT_TYPES = ("points", "box", "mask")

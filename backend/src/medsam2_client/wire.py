@@ -69,6 +69,8 @@ def wire_array(volume: np.ndarray) -> np.ndarray:
                               f"{', '.join(np.dtype(t).name for t in DTYPES.values())}.")
     if volume.ndim != 3:
         raise WireFormatError(f"The volume must be 3D; this array has shape {volume.shape}.")
+    if volume.size == 0:
+        raise WireFormatError(f"The volume is empty (shape {volume.shape}).")
     return np.ascontiguousarray(volume, dtype=dtype)
 
 

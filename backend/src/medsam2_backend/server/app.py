@@ -270,6 +270,13 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
         return StreamingResponse(stream.body(request), media_type=wire.FRAMES_MEDIA_TYPE,
                                  headers={"Cache-Control": "no-store"})
 
+    @v1.post(protocol.ACKNOWLEDGE)
+    def acknowledge(session_id: str, req: Acknowledgement) -> dict:
+        stream = manager.get(session_id).stream
+        if stream is not None:
+            stream.acknowledge(req.received)
+        return {"ok": True}
+
     @v1.post(protocol.CANCEL)
     def cancel(session_id: str) -> dict:
         return {"cancelled": manager.cancel(session_id)}
