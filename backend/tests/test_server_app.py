@@ -29,14 +29,20 @@ def local(app) -> TestClient:
     return TestClient(app, base_url="http://127.0.0.1")
 
 
-def upload_body(vol, codec="raw", spacing=(1.0, 1.0, 1.0), axis=0) -> bytes:
-    header, chunks = wire.encode_volume(vol, spacing, axis, codec)
+def upload_body(vol, codec="raw") -> bytes:
+    header, chunks = wire.encode_volume(vol, codec)
     return header + b"".join(chunks)
 
 
+def upload(http, vol, body: bytes | None = None, headers=AUTH):
+    return http.put(protocol.VOLUME.format(fingerprint=wire.fingerprint(vol)),
+                    content=upload_body(vol) if body is None else body,
+                    headers={**headers, "Content-Type": wire.VOLUME_MEDIA_TYPE})
+
+
 def open_session(http, vol, **kw) -> str:
-    r = http.post(protocol.SESSIONS, content=upload_body(vol, **kw),
-                  headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
+    assert upload(http, vol).status_code == 201
+    r = http.post(protocol.SESSIONS, json={"fingerprint": wire.fingerprint(vol), **kw}, headers=AUTH)
     assert r.status_code == 201, r.text
     return r.json()["session_id"]
 
@@ -82,9 +88,7 @@ def test_health_needs_no_token_but_everything_else_does(http):
     assert_error(http.get(protocol.CAPABILITIES), 401, "unauthorized", "token")
     assert_error(http.get(protocol.CAPABILITIES, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
     assert_error(http.get(protocol.CAPABILITIES, headers={"Authorization": TOKEN}), 401, "unauthorized")
-    r = http.post(protocol.SESSIONS, content=upload_body(random_volume(SHAPE)),
-                  headers={"Content-Type": wire.VOLUME_MEDIA_TYPE})
-    assert_error(r, 401, "unauthorized")
+    assert_error(upload(http, random_volume(SHAPE), headers={}), 401, "unauthorized")
     caps = http.get(protocol.CAPABILITIES, headers=AUTH).json()
     assert caps["protocol_version"] == protocol.PROTOCOL_VERSION
     assert caps["engine"]["engine"] == "disk-test-engine" and caps["engine"]["checkpoint"] == "none"
@@ -156,20 +160,24 @@ BAD_UPLOADS = [
 
 @pytest.mark.parametrize("name, mutate, status, code, word", BAD_UPLOADS, ids=[u[0] for u in BAD_UPLOADS])
 def test_bad_uploads(http, sid, name, mutate, status, code, word):
-    body = mutate(upload_body(random_volume(SHAPE, seed=5)))
-    r = http.post(protocol.SESSIONS, content=body, headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
-    assert_error(r, status, code, word)
+    vol = random_volume(SHAPE, seed=5)
+    assert_error(upload(http, vol, mutate(upload_body(vol))), status, code, word)
+    assert http.app.state.manager.stats()["reserved_bytes"] == 0
     assert_good_request_works(http, sid)
 
 
 def test_nan_volume_and_wrong_content_type(http, sid):
     vol = np.zeros(SHAPE, np.float32)
     vol[3, 4, 5] = np.nan
-    r = http.post(protocol.SESSIONS, content=upload_body(vol),
-                  headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
-    assert_error(r, 400, "bad_request", "NaN")
-    r = http.post(protocol.SESSIONS, content=b"hello", headers={**AUTH, "Content-Type": "text/plain"})
+    assert_error(upload(http, vol), 400, "bad_request", "NaN")
+    r = http.put(protocol.VOLUME.format(fingerprint="0" * 32), content=b"hello",
+                 headers={**AUTH, "Content-Type": "text/plain"})
     assert_error(r, 400, "bad_request", wire.VOLUME_MEDIA_TYPE)
+    r = http.post(protocol.SESSIONS, content=b"hello", headers={**AUTH, "Content-Type": "text/plain"})
+    assert_error(r, 400, "bad_request", "JSON")
+    r = http.put(protocol.VOLUME.format(fingerprint="0" * 32), content=upload_body(vol),
+                 headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
+    assert_error(r, 400, "bad_request", "fingerprint")
     r = http.post(protocol.SESSIONS, content=b"{nope", headers={**AUTH, "Content-Type": "application/json"})
     assert_error(r, 400, "bad_request", "JSON")
     assert_good_request_works(http, sid)
@@ -276,6 +284,4 @@ def test_too_many_sessions_evicts_the_least_recently_used():
 
 def test_a_volume_over_the_memory_budget_is_refused():
     with local(make_app(DiskEngine(), memory_budget_bytes=10_000)) as http:
-        r = http.post(protocol.SESSIONS, content=upload_body(random_volume(SHAPE)),
-                      headers={"Content-Type": wire.VOLUME_MEDIA_TYPE})
-        assert_error(r, 413, "too_large", "memory budget")
+        assert_error(upload(http, random_volume(SHAPE), headers={}), 413, "too_large", "memory budget")

@@ -80,13 +80,15 @@ class MedSAM2Client:
         return self.request_json("GET", protocol.CAPABILITIES)
 
     def open_session(self, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
-                     preprocessing: dict | None = None, fingerprint: str | None = None) -> "RemoteSession":
+                     preprocessing: dict | None = None, fingerprint: str | None = None,
+                     upload_progress=None) -> "RemoteSession":
         """A session on the server for `volume` (uploaded only if the server does not have it already).
 
         `fingerprint`: `wire.fingerprint(volume)` when the caller already has it (hashing 150 MB takes 0.1 s).
+        `upload_progress(fraction)`: called with 0..1 while the volume is sent (not at all when it is not sent).
         """
         self._ensure_compatible()
-        return RemoteSession(self, volume, spacing, axis, preprocessing, fingerprint)
+        return RemoteSession(self, volume, spacing, axis, preprocessing, fingerprint, upload_progress)
 
     # ---- transport --------------------------------------------------------------------------------------------
     def _ensure_compatible(self) -> None:
@@ -171,19 +173,17 @@ class MedSAM2Client:
         response.close()
         return json.loads(data)
 
-    def upload_volume(self, volume: np.ndarray, fingerprint: str, spacing, axis: int,
-                      preprocessing: dict | None) -> dict:
-        return self.retrying_busy(lambda: self._upload_once(volume, fingerprint, spacing, axis, preprocessing))
+    def upload_volume(self, volume: np.ndarray, fingerprint: str, progress=None) -> dict:
+        """Send a volume the server lacks (retried while the server is busy making room for it)."""
+        return self.retrying_busy(lambda: self._upload_once(volume, fingerprint, progress))
 
-    def _upload_once(self, volume, fingerprint, spacing, axis, preprocessing) -> dict:
-        header, chunks = wire.encode_volume(volume, spacing, axis, self.codec, fingerprint)
+    def _upload_once(self, volume, fingerprint, progress) -> dict:
+        header, chunks = wire.encode_volume(volume, self.codec, fingerprint, progress)
         extra = {"Content-Type": wire.VOLUME_MEDIA_TYPE}
-        if preprocessing:
-            extra[protocol.PREPROCESSING_HEADER] = json.dumps(preprocessing)
         if self.codec == "raw":
             extra["Content-Length"] = str(len(header) + volume.nbytes)
         body = _chain(header, chunks)
-        response = self.request("POST", protocol.SESSIONS, body, extra)
+        response = self.request("PUT", protocol.VOLUME.format(fingerprint=fingerprint), body, extra)
         with self._translated_errors():
             data = response.read()
         response.close()
@@ -233,7 +233,7 @@ class RemoteSession:
     """A volume on the server; the same methods as the engine's `VolumeSession`."""
 
     def __init__(self, client: MedSAM2Client, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
-                 preprocessing: dict | None = None, fingerprint: str | None = None):
+                 preprocessing: dict | None = None, fingerprint: str | None = None, upload_progress=None):
         self._client = client
         try:
             self._volume = wire.wire_array(volume)
@@ -247,16 +247,22 @@ class RemoteSession:
         self.uploads = 0  # volume uploads so far (0 when the server already had the volume)
         self.reopened = 0  # transparent re-opens after the server dropped the session
         self.session_id: str | None = None
+        self._upload_progress = upload_progress
         self._open()
 
     def _open(self) -> None:
-        try:
-            info = self._client.request_json("POST", protocol.SESSIONS, {
-                "fingerprint": self.fingerprint, "spacing": list(self.spacing), "axis": self.axis,
-                "preprocessing": self._preprocessing})
-        except errors.NotFound:
-            info = self._client.upload_volume(self._volume, self.fingerprint, self.spacing, self.axis,
-                                              self._preprocessing)
+        """Open by fingerprint; upload the volume only when the server lacks it (and once more if a crowded
+        server dropped it again before the session could open)."""
+        body = {"fingerprint": self.fingerprint, "spacing": list(self.spacing), "axis": self.axis,
+                "preprocessing": self._preprocessing}
+        for attempt in range(3):
+            try:
+                info = self._client.request_json("POST", protocol.SESSIONS, body)
+                break
+            except errors.NotFound:
+                if attempt == 2:
+                    raise
+            self._client.upload_volume(self._volume, self.fingerprint, self._upload_progress)
             self.uploads += 1
         self.session_id = info["session_id"]
         self.num_slices = info["num_slices"]

@@ -12,6 +12,7 @@ API_PREFIX = "/v1"
 # Routes (the session id and object id are path parameters).
 HEALTH = API_PREFIX + "/health"
 CAPABILITIES = API_PREFIX + "/capabilities"
+VOLUME = API_PREFIX + "/volumes/{fingerprint}"  # PUT a volume the server said it lacks
 SESSIONS = API_PREFIX + "/sessions"
 SESSION = SESSIONS + "/{session_id}"
 PROMPTS = SESSION + "/prompts"
@@ -35,7 +36,6 @@ HTTP_STATUS = {BAD_REQUEST: 400, UNAUTHORIZED: 401, NOT_FOUND: 404, SESSION_EXPI
 # Headers.
 AUTHORIZATION = "Authorization"  # "Bearer <token>"
 PROTOCOL_HEADER = "X-MedSAM2-Protocol"  # the client's protocol version, on every request
-PREPROCESSING_HEADER = "X-MedSAM2-Preprocessing"  # JSON preprocessing sent along with a volume upload
 
 # Default limits of a server (the server reports its own in /capabilities).
 DEFAULT_PORT = 8765

@@ -27,7 +27,8 @@ from medsam2_client import protocol, wire
 
 from .. import __version__
 from ..engine import DIRECTIONS, POSTPROCESS_STEPS, EngineInputError
-from ..engine.preprocess import ALLOWED_DTYPES, CT_PRESETS, MAX_SLICE_SIDE, RESIZE_MODES, validate_shape
+from ..engine.preprocess import (ALLOWED_DTYPES, CT_PRESETS, MAX_SLICE_SIDE, RESIZE_MODES, validate_shape,
+                                 validate_volume)
 from .errors import ApiError
 from .gate import Gate, HostCheck
 from .sessions import SessionManager
@@ -52,7 +53,7 @@ class PreprocessingOptions(_Request):
     resize: StrictStr | None = None
 
 
-class OpenByFingerprint(_Request):
+class OpenSession(_Request):
     fingerprint: StrictStr = Field(pattern=r"^[0-9a-f]{32}$")
     spacing: tuple[Number, Number, Number] = (1.0, 1.0, 1.0)
     axis: StrictInt = 0
@@ -214,27 +215,29 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
             caps["warning"] = RANDOM_WEIGHTS_WARNING
         return caps
 
+    @v1.put(protocol.VOLUME, status_code=201)
+    async def upload_volume(fingerprint: str, request: Request) -> dict:
+        """A volume the server lacks (the client asked first); its declared size is admitted before receiving it."""
+        if not request.headers.get("content-type", "").startswith(wire.VOLUME_MEDIA_TYPE):
+            raise ApiError(protocol.BAD_REQUEST, f"Send the volume as {wire.VOLUME_MEDIA_TYPE}.")
+        if manager.cached_volume(fingerprint) is None:
+            volume, header, reservation = await _receive_volume(request, max_upload_bytes, manager, fingerprint)
+            with reservation:
+                validate_volume(volume)  # NaN voxels, say: refused now rather than kept
+                manager.add_volume(header.fingerprint, volume, reservation)
+        return {"fingerprint": fingerprint}
+
     @v1.post(protocol.SESSIONS, status_code=201)
     async def open_session(request: Request) -> dict:
-        """A JSON body asks for a volume the server already has (by fingerprint); a volume body uploads one."""
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("application/json"):
-            req = _parse(OpenByFingerprint, await request.body(), "The request")
-            volume = manager.cached_volume(req.fingerprint)
-            if volume is None:
-                raise ApiError(protocol.NOT_FOUND, "The server does not have this volume yet; upload it.")
-            s = await run_in_threadpool(manager.create, volume, req.fingerprint, req.spacing, req.axis,
-                                        _options(req.preprocessing))
-            return _session_info(s)
-        if not content_type.startswith(wire.VOLUME_MEDIA_TYPE):
-            raise ApiError(protocol.BAD_REQUEST, f"Send a volume as {wire.VOLUME_MEDIA_TYPE}, or JSON with its "
-                           f"fingerprint.")
-        header_text = request.headers.get(protocol.PREPROCESSING_HEADER)
-        preprocessing = _options(_parse(PreprocessingOptions, header_text, f"The {protocol.PREPROCESSING_HEADER} "
-                                        f"header")) if header_text else None
-        volume, header, reservation = await _receive_volume(request, max_upload_bytes, manager)
-        s = await run_in_threadpool(manager.create, volume, header.fingerprint, header.spacing, header.axis,
-                                    preprocessing, reservation)
+        """A session on a volume the server holds, by fingerprint; 404 asks the client to upload it first."""
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            raise ApiError(protocol.BAD_REQUEST, "Open a session with JSON naming the volume's fingerprint.")
+        req = _parse(OpenSession, await request.body(), "The request")
+        volume = manager.cached_volume(req.fingerprint)
+        if volume is None:
+            raise ApiError(protocol.NOT_FOUND, "The server does not have this volume; upload it first.")
+        s = await run_in_threadpool(manager.create, volume, req.fingerprint, req.spacing, req.axis,
+                                    _options(req.preprocessing))
         return _session_info(s)
 
     @v1.delete(protocol.SESSION)
@@ -297,7 +300,7 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
     return app
 
 
-async def _receive_volume(request: Request, max_body_bytes: int, manager: SessionManager):
+async def _receive_volume(request: Request, max_body_bytes: int, manager: SessionManager, fingerprint: str):
     """Decode the upload as it arrives: its declared size is admitted (shape limits, memory budget) before any
     voxel is allocated, and it is refused as soon as it is too large (body or voxels) or malformed."""
     declared = request.headers.get("content-length")
@@ -308,6 +311,8 @@ async def _receive_volume(request: Request, max_body_bytes: int, manager: Sessio
     reservations = []
 
     def admit(header: wire.VolumeHeader) -> None:
+        if header.fingerprint != fingerprint:
+            raise ApiError(protocol.BAD_REQUEST, "The volume's header names another fingerprint than its address.")
         validate_shape(header.shape)
         reservations.append(manager.admit_volume(header.raw_nbytes))
 

@@ -126,29 +126,26 @@ class SessionManager:
             self._claim_slot_locked()
             return self._reserve_locked(nbytes, protect=None, what=f"a volume of {_mib(nbytes)}")
 
-    def create(self, volume: np.ndarray, fingerprint: str, spacing, axis: int, preprocessing,
-               reservation: Reservation | None = None) -> ManagedSession:
-        """A session on `volume`; its `reservation` (from `admit_volume`) turns into the volume's own count."""
-        try:
-            if reservation is None and self.cached_volume(fingerprint) is None:
-                reservation = self.admit_volume(volume.nbytes)
-            volume.setflags(write=False)  # shared between sessions: nobody may write into it
-            engine_session = self.engine.open_session(volume, spacing, axis, preprocessing)  # validates
-            with self._lock:
-                try:
-                    self._claim_slot_locked()
-                except ApiError:
-                    engine_session.close()
-                    raise
-                s = ManagedSession(secrets.token_urlsafe(24), fingerprint, volume, engine_session, time.monotonic())
-                self._sessions[s.id] = s
-                self._spare_volumes.pop(fingerprint, None)
-                if reservation is not None:
-                    self._reserved -= reservation.nbytes
-                    reservation.nbytes = 0
-        finally:
-            if reservation is not None:
-                reservation.release()
+    def add_volume(self, fingerprint: str, volume: np.ndarray, reservation: Reservation) -> None:
+        """A received volume, kept (as a spare until a session opens on it); its reservation becomes its count."""
+        volume.setflags(write=False)  # shared between sessions: nobody may write into it
+        with self._lock:
+            self._spare_volumes[fingerprint] = volume
+            self._reserved -= reservation.nbytes
+            reservation.nbytes = 0
+
+    def create(self, volume: np.ndarray, fingerprint: str, spacing, axis: int, preprocessing) -> ManagedSession:
+        """A session on `volume` (one this manager holds: see `add_volume`)."""
+        engine_session = self.engine.open_session(volume, spacing, axis, preprocessing)  # validates
+        with self._lock:
+            try:
+                self._claim_slot_locked()
+            except ApiError:
+                engine_session.close()
+                raise
+            s = ManagedSession(secrets.token_urlsafe(24), fingerprint, volume, engine_session, time.monotonic())
+            self._sessions[s.id] = s
+            self._spare_volumes.pop(fingerprint, None)
         if s.cache is not None:
             s.cache.shrink(min(s.cache.budget_bytes, self.cache_budget_bytes))
         log.info("session %s opened: volume %s %s, axis %d", s.id[:8], volume.shape, volume.dtype, axis)
