@@ -212,3 +212,17 @@ def test_a_waiting_propagation_never_blocks_the_server():
             t.join()
         assert [len(results[k]) for k in range(2)] == [6, 6]
         assert worst < 0.3, f"health took {worst:.2f} s while propagations waited for the engine"
+
+
+def test_an_empty_volume_is_a_sentence_not_a_type_error(client):
+    with pytest.raises(errors.BadRequest, match="empty"):
+        client.open_session(np.zeros((0, 4, 4), np.int16))
+
+
+def test_upload_progress_is_reported_and_only_for_an_upload(client):
+    vol = random_volume((16, 256, 512), seed=42)  # 4 MiB: one progress step per 4 MiB chunk, at least one
+    seen = []
+    client.open_session(vol, upload_progress=seen.append)
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)
+    again = []
+    assert client.open_session(vol, upload_progress=again.append).uploads == 0 and again == []

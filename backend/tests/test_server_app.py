@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from medsam2_backend.engine import DiskEngine
+from medsam2_backend.engine import DiskEngine, EngineInputError, Preprocessing
 from medsam2_backend.server import make_app
 from medsam2_client import protocol, wire
 from server_helpers import box_mask, random_volume
@@ -109,6 +109,59 @@ def test_docs_when_asked_for_are_behind_the_token():
 def test_protocol_version_mismatch_is_named(http):
     r = http.get(protocol.CAPABILITIES, headers={**AUTH, protocol.PROTOCOL_HEADER: "99"})
     assert_error(r, 400, "bad_request", "protocol 99", "update")
+
+
+def test_an_older_client_is_told_what_to_update(http):
+    r = http.get(protocol.CAPABILITIES, headers={**AUTH, protocol.PROTOCOL_HEADER: "1"})
+    assert_error(r, 400, "bad_request", "protocol 1", "update the MedSAM2 extension")
+
+
+WRONG_TYPES = [{"a": 1}, ["x"], "text", True, 1.5, [[[[1]]]]]
+
+
+def _json_routes(sid, fp):
+    """Every route that takes JSON: (method, path, a valid body, the fields to spoil (dotted: nested))."""
+    pre = ["preset", "level", "width", "percentiles", "resize"]
+    return [
+        ("POST", protocol.SESSIONS, {"fingerprint": fp, "preprocessing": {}},
+         ["fingerprint", "spacing", "axis", "preprocessing"] + [f"preprocessing.{f}" for f in pre]),
+        ("POST", protocol.PROMPTS.format(session_id=sid), {"obj_id": 1, "slice_index": 2, "box": [5, 6, 15, 20]},
+         ["obj_id", "slice_index", "points", "labels", "box", "mask", "replace"]),
+        ("POST", protocol.PROPAGATE.format(session_id=sid), {"obj_ids": [1]},
+         ["obj_ids", "direction", "start", "stop", "stop_after_empty", "postprocess"]),
+        ("PUT", protocol.PREPROCESSING.format(session_id=sid), {}, pre),
+        ("POST", protocol.ACKNOWLEDGE.format(session_id=sid), {"received": 1}, ["received"]),
+    ]
+
+
+def test_every_json_field_of_every_route_refuses_wrong_types_with_a_sentence(http, sid):
+    assert_good_request_works(http, sid)
+    fp = wire.fingerprint(random_volume(SHAPE))
+    for method, path, valid, fields in _json_routes(sid, fp):
+        for field in fields:
+            for wrong in WRONG_TYPES:
+                if field == "replace" and wrong is True:
+                    continue  # the one value in the list of the right type
+                body = json.loads(json.dumps(valid))
+                *outer, name = field.split(".")
+                (body[outer[0]] if outer else body)[name] = wrong
+                r = http.request(method, path, json=body, headers=AUTH)
+                assert 400 <= r.status_code < 500, (method, path, field, wrong, r.text)
+                message = r.json()["error"]["message"]
+                assert message.endswith(".") and "Traceback" not in message, message
+        deep = "[" * 3000 + "]" * 3000
+        for raw in (deep, '{"%s": %s}' % (fields[0].split(".")[0], deep)):
+            r = http.request(method, path, content=raw, headers={**AUTH, "Content-Type": "application/json"})
+            assert 400 <= r.status_code < 500, (method, path, r.text)
+    assert_good_request_works(http, sid)
+
+
+def test_a_nan_window_level_is_named_as_the_level(http, sid):
+    r = http.put(protocol.PREPROCESSING.format(session_id=sid), content=b'{"level": NaN, "width": 400}',
+                 headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(r, 400, "bad_request", "level", "finite")
+    with pytest.raises(EngineInputError, match="window level must be a finite number"):
+        Preprocessing(level=float("nan"), width=400)
 
 
 def test_session_lifecycle_and_fingerprint_reuse(http, sid):
