@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from medsam2_client import MedSAM2Client, errors, protocol, wire
-from server_helpers import (SlowDiskEngine, box_mask, peak_rss_mib, random_volume, start_server_process,
-                            stop_process, thread_server)
+from server_helpers import (SlowDiskEngine, bomb, box_mask, chunked, exchange, json_points_body, peak_rss_mib,
+                            random_volume, request_head, start_server_process, stop_process, thread_server)
 
 TOKEN = "hostile-test-token"
 MIB = 1 << 20
@@ -35,59 +35,8 @@ def server_process(tmp_path, *args):
         stop_process(proc)
 
 
-def exchange(port: int, head: str, body_chunks=(), rcvbuf: int | None = None, timeout: float = 30.0):
-    """Send a request's head and as much of its body as the server takes; (status, headers, body, seconds)."""
-    t0 = time.monotonic()
-    with socket.socket() as sock:
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.settimeout(timeout)
-        sock.connect(("127.0.0.1", port))
-        sock.sendall(head.encode("latin-1"))
-        try:
-            for chunk in body_chunks:
-                sock.sendall(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered without reading the rest: what we want to see
-        data = b""
-        with contextlib.suppress(ConnectionResetError):
-            while True:
-                piece = sock.recv(65536)
-                if not piece:
-                    break
-                data += piece
-    head_bytes, _, body = data.partition(b"\r\n\r\n")
-    lines = head_bytes.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body, time.monotonic() - t0
-
-
-def request_head(method: str, path: str, port: int, *, token: bool = True, length: int | None = None,
-                 content_type: str = "application/json", chunked: bool = False, host: str | None = None) -> str:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", "Connection: close",
-             f"Content-Type: {content_type}", f"{protocol.PROTOCOL_HEADER}: {protocol.PROTOCOL_VERSION}"]
-    if token:
-        lines.append(f"Authorization: Bearer {TOKEN}")
-    if chunked:
-        lines.append("Transfer-Encoding: chunked")
-    elif length is not None:
-        lines.append(f"Content-Length: {length}")
-    return "\r\n".join(lines) + "\r\n\r\n"
-
-
-def chunked(chunks):
-    for c in chunks:
-        yield b"%x\r\n" % len(c) + c + b"\r\n"
-    yield b"0\r\n\r\n"
-
-
-def json_points_body(nbytes: int):
-    """A syntactically valid prompt of about `nbytes`, in 1 MiB pieces (never all in the test's memory)."""
-    piece = b"[1.5, 2.5]," * (MIB // 11)
-    yield b'{"obj_id": 1, "slice_index": 0, "labels": [1], "points": ['
-    for _ in range(nbytes // len(piece)):
-        yield piece
-    yield b"[1.0, 1.0]]}"
+def http_head(method: str, path: str, port: int, *, token: bool = True, **kw) -> str:
+    return request_head(method, path, port, token=TOKEN if token else None, **kw)
 
 
 def error_of(body: bytes) -> dict:
@@ -103,7 +52,7 @@ def test_an_unauthenticated_json_body_is_refused_on_its_headers(tmp_path):
         results = []
 
         def attack(as_chunks: bool):
-            head = request_head("POST", path, port, token=False, length=None if as_chunks else size + 100,
+            head = http_head("POST", path, port, token=False, length=None if as_chunks else size + 100,
                                 chunked=as_chunks)
             body = json_points_body(size)
             results.append(exchange(port, head, chunked(body) if as_chunks else body))
@@ -125,30 +74,22 @@ def test_json_bodies_are_capped_on_every_route_and_the_cap_is_published(tmp_path
     with server_process(tmp_path, "--max-upload-mb", "16") as (proc, port, client):
         assert client.capabilities()["limits"]["max_json_bytes"] == protocol.MAX_JSON_BYTES == 4 * MIB
         before = peak_rss_mib(proc.pid)
-        status, _, body, seconds = exchange(port, request_head("POST", protocol.SESSIONS, port, length=400 * MIB),
+        status, _, body, seconds = exchange(port, http_head("POST", protocol.SESSIONS, port, length=400 * MIB),
                                             json_points_body(400 * MIB))
         assert status == 413 and "4 MiB" in error_of(body)["message"] and seconds < 5
         path = protocol.PROMPTS.format(session_id="any")
-        status, _, body, _ = exchange(port, request_head("POST", path, port, chunked=True),
+        status, _, body, _ = exchange(port, http_head("POST", path, port, chunked=True),
                                       chunked(json_points_body(5 * MIB)))
         assert status == 413 and error_of(body)["code"] == "too_large"  # chunked: 413, not 400
         assert peak_rss_mib(proc.pid) - before < 20
 
 
 # ---- 3: a zlib bomb, and uploads in flight ----------------------------------------------------------------------
-def bomb(shape, dtype=np.uint16, nbytes: int = 1 * MIB) -> tuple[bytes, str]:
-    """A volume header declaring `shape`, then zlib of zeros (a wrong fingerprint: it can only be refused)."""
-    fingerprint = "ab" * 16
-    header = struct.pack("<4sHBBH3I16s", wire.VOLUME_MAGIC, wire.VOLUME_VERSION, wire.DTYPE_CODES[np.dtype(dtype)],
-                         wire.CODEC_ZLIB, 0, *shape, bytes.fromhex(fingerprint))
-    return header + zlib.compress(bytes(nbytes * 1000), 9)[:nbytes], fingerprint
-
-
 def test_a_zlib_bomb_is_refused_before_it_is_decoded(tmp_path):
     with server_process(tmp_path, "--memory-budget", "0.25") as (proc, port, _):
         before = peak_rss_mib(proc.pid)
         body, fp = bomb((512, 1024, 1024))  # 1 GiB declared, 4x the budget
-        head = request_head("PUT", protocol.VOLUME.format(fingerprint=fp), port, content_type=wire.VOLUME_MEDIA_TYPE,
+        head = http_head("PUT", protocol.VOLUME.format(fingerprint=fp), port, content_type=wire.VOLUME_MEDIA_TYPE,
                             length=len(body))
         status, _, answer, seconds = exchange(port, head, [body])
         assert status == 413 and "memory budget" in error_of(answer)["message"] and seconds < 5
@@ -160,7 +101,7 @@ def test_uploads_in_flight_count_against_the_budget(tmp_path):
         fp = "cd" * 16
         header = struct.pack("<4sHBBH3I16s", wire.VOLUME_MAGIC, wire.VOLUME_VERSION, 1, wire.CODEC_RAW, 0,
                              40, 1024, 1024, bytes.fromhex(fp))  # 40 MiB of uint8
-        put = request_head("PUT", protocol.VOLUME.format(fingerprint=fp), port,
+        put = http_head("PUT", protocol.VOLUME.format(fingerprint=fp), port,
                            content_type=wire.VOLUME_MEDIA_TYPE, length=len(header) + 40 * MIB)
         first = socket.create_connection(("127.0.0.1", port))
         first.sendall(put.encode() + header + bytes(MIB))  # admitted, then it dawdles
@@ -197,7 +138,7 @@ def test_a_mask_prompt_is_checked_against_the_slice_before_decoding(tmp_path):
         assert len(data) < 64 << 10
         before = peak_rss_mib(proc.pid)
         body = json.dumps({"obj_id": 1, "slice_index": 0, "mask": base64.b64encode(data).decode()}).encode()
-        status, _, answer, _ = exchange(port, request_head("POST", protocol.PROMPTS.format(session_id=s.session_id),
+        status, _, answer, _ = exchange(port, http_head("POST", protocol.PROMPTS.format(session_id=s.session_id),
                                                            port, length=len(body)), [body])
         assert status == 400 and "(64, 64)" in error_of(answer)["message"]
         assert peak_rss_mib(proc.pid) - before < 20
@@ -257,7 +198,7 @@ def test_a_stalled_reader_costs_one_window_and_frees_the_session():
         s = MedSAM2Client(url, token=TOKEN, timeout=20).open_session(random_volume((600, 16, 16)))
         s.add_prompt(1, 0, box=(2, 2, 9, 9))
         body = json.dumps({"direction": "forward"}).encode()
-        head = request_head("POST", protocol.PROPAGATE.format(session_id=s.session_id), port, length=len(body))
+        head = http_head("POST", protocol.PROPAGATE.format(session_id=s.session_id), port, length=len(body))
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small receive buffer, never read
             sock.connect(("127.0.0.1", port))
@@ -285,7 +226,7 @@ def test_half_open_sockets_and_idle_bodies_are_dropped():
         assert time.monotonic() - t0 < 3
         for sock in sockets:
             sock.close()
-        head = request_head("POST", protocol.CANCEL.format(session_id="x"), port, token=False, length=1000)
+        head = http_head("POST", protocol.CANCEL.format(session_id="x"), port, token=False, length=1000)
         status, _, body, seconds = exchange(port, head, [b'{"a": '])  # then nothing more
         assert status == 400 and "stopped arriving" in error_of(body)["message"] and seconds < 3
 
@@ -295,31 +236,31 @@ def test_connections_beyond_the_cap_are_answered_503():
         port = int(url.rsplit(":", 1)[1])
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
         try:
-            status, _, _, _ = exchange(port, request_head("GET", protocol.HEALTH, port))
+            status, _, _, _ = exchange(port, http_head("GET", protocol.HEALTH, port))
             assert status == 503
         finally:
             for sock in held:
                 sock.close()
         time.sleep(0.2)
-        assert exchange(port, request_head("GET", protocol.HEALTH, port))[0] == 200
+        assert exchange(port, http_head("GET", protocol.HEALTH, port))[0] == 200
 
 
 # ---- 10: DNS rebinding ----------------------------------------------------------------------------------------------
 def test_a_loopback_server_answers_loopback_host_names_only():
     with thread_server(SlowDiskEngine(0.0)) as (url, _):
         port = int(url.rsplit(":", 1)[1])
-        status, _, body, _ = exchange(port, request_head("GET", protocol.CAPABILITIES, port, token=False,
+        status, _, body, _ = exchange(port, http_head("GET", protocol.CAPABILITIES, port, token=False,
                                                          host="rebind.evil.example"))
         assert status == 400 and "allowed-hosts" in error_of(body)["message"]
         for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "127.0.0.1"):
-            assert exchange(port, request_head("GET", protocol.CAPABILITIES, port, token=False, host=host))[0] == 200
+            assert exchange(port, http_head("GET", protocol.CAPABILITIES, port, token=False, host=host))[0] == 200
     with thread_server(SlowDiskEngine(0.0), allowed_hosts=["seg.example.org"]) as (url, _):
         port = int(url.rsplit(":", 1)[1])
-        assert exchange(port, request_head("GET", protocol.HEALTH, port, host="seg.example.org"))[0] == 200
-        assert exchange(port, request_head("GET", protocol.HEALTH, port, host="evil.example"))[0] == 400
+        assert exchange(port, http_head("GET", protocol.HEALTH, port, host="seg.example.org"))[0] == 200
+        assert exchange(port, http_head("GET", protocol.HEALTH, port, host="evil.example"))[0] == 400
 
 
 def test_the_allowed_hosts_flag_reaches_the_server(tmp_path):
     with server_process(tmp_path, "--allowed-hosts", "seg.example.org, other.example") as (proc, port, _):
-        assert exchange(port, request_head("GET", protocol.HEALTH, port, host="other.example"))[0] == 200
-        assert exchange(port, request_head("GET", protocol.HEALTH, port, host="rebind.evil.example"))[0] == 400
+        assert exchange(port, http_head("GET", protocol.HEALTH, port, host="other.example"))[0] == 200
+        assert exchange(port, http_head("GET", protocol.HEALTH, port, host="rebind.evil.example"))[0] == 400
