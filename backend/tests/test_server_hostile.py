@@ -213,7 +213,7 @@ def test_a_stalled_reader_costs_one_window_and_frees_the_session():
 
 # ---- 9: half-open sockets, idle bodies, connection cap ------------------------------------------------------------
 def test_half_open_sockets_and_idle_bodies_are_dropped():
-    with thread_server(SlowDiskEngine(0.0), header_timeout_s=0.5, body_idle_s=0.5, max_connections=64) as (url, _):
+    with thread_server(SlowDiskEngine(0.0), header_timeout_s=0.5, body_idle_s=0.5, max_connections=64) as (url, app):
         port = int(url.rsplit(":", 1)[1])
         sockets = []
         for _ in range(50):
@@ -229,6 +229,13 @@ def test_half_open_sockets_and_idle_bodies_are_dropped():
         head = http_head("POST", protocol.CANCEL.format(session_id="x"), port, token=False, length=1000)
         status, _, body, seconds = exchange(port, head, [b'{"a": '])  # then nothing more
         assert status == 400 and "stopped arriving" in error_of(body)["message"] and seconds < 3
+        vol = random_volume((4, 64, 64))
+        header, chunks = wire.encode_volume(vol)
+        head = http_head("PUT", protocol.VOLUME.format(fingerprint=wire.fingerprint(vol)), port, token=False,
+                         content_type=wire.VOLUME_MEDIA_TYPE, length=len(header) + vol.nbytes)
+        status, _, body, seconds = exchange(port, head, [header, bytes(1000)])  # an upload that stops
+        assert status == 400 and "stopped arriving" in error_of(body)["message"] and seconds < 3
+        assert app.state.manager.stats()["reserved_bytes"] == 0  # its admitted size is given back
 
 
 def test_connections_beyond_the_cap_are_answered_503():
