@@ -188,6 +188,7 @@ def test_twelve_clients_against_eight_slots_all_complete_every_round():
         assert failures == []
         assert app.state.manager.evictions >= clients - 8  # slots did turn over
         assert max(s.reopened for s in sessions.values()) >= 1
+        assert all(s.uploads == 1 for s in sessions.values())  # an eviction for a slot keeps the volume
 
 
 # ---- 8: a reader that stalls with its socket open -----------------------------------------------------------------
