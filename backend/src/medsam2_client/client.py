@@ -27,6 +27,7 @@ from . import errors, protocol, wire
 
 MAX_REOPENS = 3
 
+
 @dataclasses.dataclass
 class SliceMask:
     """One object's mask on one slice: the fields of the engine's `SliceResult` (without logits)."""
