@@ -208,7 +208,7 @@ def test_a_stalled_reader_costs_one_window_and_frees_the_session():
             assert engine.tracked <= protocol.PROPAGATION_WINDOW + 1  # not 600
             t0 = time.monotonic()
             assert s.add_prompt(1, 5, box=(2, 2, 9, 9)).mask.any()  # the session is free again
-            assert time.monotonic() - t0 < 1.0
+            assert time.monotonic() - t0 < 3.0  # not the 30 s a busy session makes a request wait
         assert engine.tracked <= protocol.PROPAGATION_WINDOW + 1
 
 
