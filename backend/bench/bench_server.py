@@ -4,8 +4,12 @@ upload_first    open a session on a 512x512x300 int16 volume: fingerprint, uploa
 upload_repeat   the same volume again: fingerprint hit, no upload (target ~0)
 prompt_overhead a point prompt through client + server / the same prompt on an in-process engine session
                 (SAM-2 with random weights; target ratio <= 1.1 or <= 20 ms extra)
+amplifier_*     peak server RSS (VmHWM) of a fresh `--test-engine` server before and after one small hostile
+                request: a 57 MiB JSON body without the token, a 2 MiB zlib body declaring 1024^3 uint16 (at the
+                default limits, and with --memory-budget 1 below its size), a 43 KB mask prompt declaring 16384^2
 
 Run: .venv/bin/python backend/bench/bench_server.py [--slices 300] [--repeats 5] [--threads 1]
+     [--cases upload,prompt,amplifiers]
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-from server_helpers import start_server_process, stop_process  # noqa: E402
+from server_helpers import (bomb, exchange, json_points_body, peak_rss_mib, request_head,  # noqa: E402
+                            start_server_process, stop_process)
 
-from medsam2_client import MedSAM2Client  # noqa: E402
+from medsam2_client import MedSAM2Client, protocol, wire  # noqa: E402
 
 
 def ct_like(shape, seed=0) -> np.ndarray:
@@ -38,13 +43,6 @@ def ct_like(shape, seed=0) -> np.ndarray:
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def server_peak_mb(pid: int) -> float:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def emit(**fields) -> None:
@@ -63,7 +61,7 @@ def bench_upload(slices: int) -> None:
         assert s.uploads == 1
         emit(case="upload_first", shape=list(vol.shape), mb=round(vol.nbytes / 2**20, 1), codec=client.codec,
              ours_s=round(first, 3), peak_rss_mb=round(rss_mb()),
-             server_peak_rss_mb=round(server_peak_mb(proc.pid)))
+             server_peak_rss_mb=round(peak_rss_mib(proc.pid)))
         t0 = time.perf_counter()
         again = client.open_session(vol, axis=1)
         repeat = time.perf_counter() - t0
@@ -102,7 +100,7 @@ def bench_prompt(repeats: int, threads: int) -> None:
     try:
         remote = MedSAM2Client(url, timeout=120).open_session(vol)
         ours = timed_prompts(remote, repeats)
-        server_mb = server_peak_mb(proc.pid)
+        server_mb = peak_rss_mib(proc.pid)
     finally:
         stop_process(proc)
     local = load_engine(random_weights=True, device="cpu").open_session(vol)
@@ -111,15 +109,70 @@ def bench_prompt(repeats: int, threads: int) -> None:
          extra_ms=round((ours - ref) * 1000, 1), peak_rss_mb=round(rss_mb()), server_peak_rss_mb=round(server_mb))
 
 
+def bench_amplifiers(tmp: pathlib.Path) -> None:
+    """Each amplifier on a fresh server: VmHWM is a lifetime peak."""
+    import base64
+    import struct
+    import zlib
+
+    token = "bench-token"
+    (tmp / "token").write_text(token)
+
+    def attack(case: str, send, *args: str) -> None:
+        proc, url = start_server_process("--test-engine", "--token-file", str(tmp / "token"), *args)
+        try:
+            port = int(url.rsplit(":", 1)[1])
+            before = peak_rss_mib(proc.pid)
+            t0 = time.perf_counter()
+            status = send(port, MedSAM2Client(url, token=token))
+            emit(case=case, status=status, seconds=round(time.perf_counter() - t0, 2), server_args=list(args),
+                 rss_before_mib=round(before), peak_rss_mib=round(peak_rss_mib(proc.pid)))
+        finally:
+            stop_process(proc)
+
+    def json_body(port, client):
+        head = request_head("POST", protocol.PROMPTS.format(session_id="any"), port, length=57 << 20)
+        return exchange(port, head, json_points_body(57 << 20))[0]
+
+    def zlib_bomb(port, client):
+        body, fp = bomb((1024, 1024, 1024), nbytes=2 << 20)
+        head = request_head("PUT", protocol.VOLUME.format(fingerprint=fp), port, token=token,
+                            content_type=wire.VOLUME_MEDIA_TYPE, length=len(body))
+        return exchange(port, head, [body], timeout=120)[0]
+
+    def mask_prompt(port, client):
+        s = client.open_session(ct_like((4, 64, 64)))
+        side = 16384
+        data = struct.pack("<6I", side, side, 0, 0, side, side) + zlib.compress(bytes(side * side // 8), 9)
+        body = json.dumps({"obj_id": 1, "slice_index": 0, "mask": base64.b64encode(data).decode()}).encode()
+        head = request_head("POST", protocol.PROMPTS.format(session_id=s.session_id), port, token=token,
+                            length=len(body))
+        return exchange(port, head, [body])[0]
+
+    attack("amplifier_unauthenticated_json_57mib", json_body)
+    attack("amplifier_zlib_bomb_1024cubed", zlib_bomb)
+    attack("amplifier_zlib_bomb_1024cubed", zlib_bomb, "--memory-budget", "1")
+    attack("amplifier_mask_prompt_16384sq", mask_prompt)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides of prompt_overhead")
+    p.add_argument("--cases", default="upload,prompt,amplifiers")
     args = p.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
-    bench_upload(args.slices)
-    bench_prompt(args.repeats, args.threads)
+    cases = args.cases.split(",")
+    if "upload" in cases:
+        bench_upload(args.slices)
+    if "prompt" in cases:
+        bench_prompt(args.repeats, args.threads)
+    if "amplifiers" in cases:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_amplifiers(pathlib.Path(tmp))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from server_helpers import SlowDiskEngine, box_mask, random_volume, thread_serve
 
 @pytest.fixture(scope="module")
 def server():
-    with thread_server(DiskEngine(radius=5, shrink=1), token="t0ken") as (url, app):
+    with thread_server(DiskEngine(radius=5, shrink=1), token="t0ken", eviction_grace_s=0.5) as (url, app):
         yield url, app
 
 
@@ -127,7 +127,8 @@ def test_eight_clients_at_once_get_their_own_results(server):
 def test_memory_eviction_is_handled_by_a_transparent_reopen():
     vol_bytes = 8 * 64 * 64 * 2
     # Room for two volumes with one object each, not for three.
-    with thread_server(DiskEngine(radius=5, shrink=1), memory_budget_bytes=int(2.5 * vol_bytes * 1.5)) as (url, app):
+    with thread_server(DiskEngine(radius=5, shrink=1), memory_budget_bytes=int(2.5 * vol_bytes * 1.5),
+                       eviction_grace_s=0) as (url, app):
         c = MedSAM2Client(url)
         sessions = [c.open_session(random_volume((8, 64, 64), seed=i)) for i in range(3)]
         sessions[0].add_prompt(2, 3, box=(10, 10, 30, 30))
@@ -211,3 +212,17 @@ def test_a_waiting_propagation_never_blocks_the_server():
             t.join()
         assert [len(results[k]) for k in range(2)] == [6, 6]
         assert worst < 0.3, f"health took {worst:.2f} s while propagations waited for the engine"
+
+
+def test_an_empty_volume_is_a_sentence_not_a_type_error(client):
+    with pytest.raises(errors.BadRequest, match="empty"):
+        client.open_session(np.zeros((0, 4, 4), np.int16))
+
+
+def test_upload_progress_is_reported_and_only_for_an_upload(client):
+    vol = random_volume((16, 256, 512), seed=42)  # 4 MiB: one progress step per 4 MiB chunk, at least one
+    seen = []
+    client.open_session(vol, upload_progress=seen.append)
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)
+    again = []
+    assert client.open_session(vol, upload_progress=again.append).uploads == 0 and again == []

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from medsam2_backend.engine import DiskEngine
+from medsam2_backend.engine import DiskEngine, EngineInputError, Preprocessing
 from medsam2_backend.server import make_app
 from medsam2_client import protocol, wire
 from server_helpers import box_mask, random_volume
@@ -24,14 +24,25 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SHAPE = (8, 30, 40)
 
 
-def upload_body(vol, codec="raw", spacing=(1.0, 1.0, 1.0), axis=0) -> bytes:
-    header, chunks = wire.encode_volume(vol, spacing, axis, codec)
+def local(app) -> TestClient:
+    """A test client that talks to the app as a loopback client does (Host 127.0.0.1)."""
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
+def upload_body(vol, codec="raw") -> bytes:
+    header, chunks = wire.encode_volume(vol, codec)
     return header + b"".join(chunks)
 
 
+def upload(http, vol, body: bytes | None = None, headers=AUTH):
+    return http.put(protocol.VOLUME.format(fingerprint=wire.fingerprint(vol)),
+                    content=upload_body(vol) if body is None else body,
+                    headers={**headers, "Content-Type": wire.VOLUME_MEDIA_TYPE})
+
+
 def open_session(http, vol, **kw) -> str:
-    r = http.post(protocol.SESSIONS, content=upload_body(vol, **kw),
-                  headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
+    assert upload(http, vol).status_code == 201
+    r = http.post(protocol.SESSIONS, json={"fingerprint": wire.fingerprint(vol), **kw}, headers=AUTH)
     assert r.status_code == 201, r.text
     return r.json()["session_id"]
 
@@ -48,7 +59,7 @@ def slice_of(response) -> wire.SliceFrame:
 
 @pytest.fixture
 def http():
-    with TestClient(make_app(DiskEngine(radius=4, shrink=1), token=TOKEN, max_upload_bytes=1 << 20,
+    with local(make_app(DiskEngine(radius=4, shrink=1), token=TOKEN, max_upload_bytes=1 << 20,
                              memory_budget_bytes=64 << 20)) as client:
         yield client
 
@@ -77,20 +88,80 @@ def test_health_needs_no_token_but_everything_else_does(http):
     assert_error(http.get(protocol.CAPABILITIES), 401, "unauthorized", "token")
     assert_error(http.get(protocol.CAPABILITIES, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
     assert_error(http.get(protocol.CAPABILITIES, headers={"Authorization": TOKEN}), 401, "unauthorized")
-    r = http.post(protocol.SESSIONS, content=upload_body(random_volume(SHAPE)),
-                  headers={"Content-Type": wire.VOLUME_MEDIA_TYPE})
-    assert_error(r, 401, "unauthorized")
+    assert_error(upload(http, random_volume(SHAPE), headers={}), 401, "unauthorized")
     caps = http.get(protocol.CAPABILITIES, headers=AUTH).json()
     assert caps["protocol_version"] == protocol.PROTOCOL_VERSION
     assert caps["engine"]["engine"] == "disk-test-engine" and caps["engine"]["checkpoint"] == "none"
     assert caps["limits"]["max_upload_bytes"] == 1 << 20
     assert caps["prompt_types"] == ["points", "box", "mask"] and "warning" not in caps
-    assert "/v1/sessions/{session_id}/propagate" in http.get("/openapi.json").json()["paths"]
+    for path in ("/docs", "/redoc", "/openapi.json"):  # off by default
+        assert_error(http.get(path, headers=AUTH), 404, "not_found")
+
+
+def test_docs_when_asked_for_are_behind_the_token():
+    with local(make_app(DiskEngine(), token=TOKEN, docs=True)) as http:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert_error(http.get(path), 401, "unauthorized")
+            assert http.get(path, headers=AUTH).status_code == 200
+        assert "/v1/sessions/{session_id}/propagate" in http.get("/openapi.json", headers=AUTH).json()["paths"]
 
 
 def test_protocol_version_mismatch_is_named(http):
     r = http.get(protocol.CAPABILITIES, headers={**AUTH, protocol.PROTOCOL_HEADER: "99"})
     assert_error(r, 400, "bad_request", "protocol 99", "update")
+
+
+def test_an_older_client_is_told_what_to_update(http):
+    r = http.get(protocol.CAPABILITIES, headers={**AUTH, protocol.PROTOCOL_HEADER: "1"})
+    assert_error(r, 400, "bad_request", "protocol 1", "update the MedSAM2 extension")
+
+
+WRONG_TYPES = [{"a": 1}, ["x"], "text", True, 1.5, [[[[1]]]]]
+
+
+def _json_routes(sid, fp):
+    """Every route that takes JSON: (method, path, a valid body, the fields to spoil (dotted: nested))."""
+    pre = ["preset", "level", "width", "percentiles", "resize"]
+    return [
+        ("POST", protocol.SESSIONS, {"fingerprint": fp, "preprocessing": {}},
+         ["fingerprint", "spacing", "axis", "preprocessing"] + [f"preprocessing.{f}" for f in pre]),
+        ("POST", protocol.PROMPTS.format(session_id=sid), {"obj_id": 1, "slice_index": 2, "box": [5, 6, 15, 20]},
+         ["obj_id", "slice_index", "points", "labels", "box", "mask", "replace"]),
+        ("POST", protocol.PROPAGATE.format(session_id=sid), {"obj_ids": [1]},
+         ["obj_ids", "direction", "start", "stop", "stop_after_empty", "postprocess"]),
+        ("PUT", protocol.PREPROCESSING.format(session_id=sid), {}, pre),
+        ("POST", protocol.ACKNOWLEDGE.format(session_id=sid), {"received": 1}, ["received"]),
+    ]
+
+
+def test_every_json_field_of_every_route_refuses_wrong_types_with_a_sentence(http, sid):
+    assert_good_request_works(http, sid)
+    fp = wire.fingerprint(random_volume(SHAPE))
+    for method, path, valid, fields in _json_routes(sid, fp):
+        for field in fields:
+            for wrong in WRONG_TYPES:
+                if field == "replace" and wrong is True:
+                    continue  # the one value in the list of the right type
+                body = json.loads(json.dumps(valid))
+                *outer, name = field.split(".")
+                (body[outer[0]] if outer else body)[name] = wrong
+                r = http.request(method, path, json=body, headers=AUTH)
+                assert 400 <= r.status_code < 500, (method, path, field, wrong, r.text)
+                message = r.json()["error"]["message"]
+                assert message.endswith(".") and "Traceback" not in message, message
+        deep = "[" * 3000 + "]" * 3000
+        for raw in (deep, '{"%s": %s}' % (fields[0].split(".")[0], deep)):
+            r = http.request(method, path, content=raw, headers={**AUTH, "Content-Type": "application/json"})
+            assert 400 <= r.status_code < 500, (method, path, r.text)
+    assert_good_request_works(http, sid)
+
+
+def test_a_nan_window_level_is_named_as_the_level(http, sid):
+    r = http.put(protocol.PREPROCESSING.format(session_id=sid), content=b'{"level": NaN, "width": 400}',
+                 headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(r, 400, "bad_request", "level", "finite")
+    with pytest.raises(EngineInputError, match="window level must be a finite number"):
+        Preprocessing(level=float("nan"), width=400)
 
 
 def test_session_lifecycle_and_fingerprint_reuse(http, sid):
@@ -114,7 +185,7 @@ def test_propagation_through_test_client(http, sid):
     frames = []
     while (item := wire.read_frame(f)) is not None:
         frames.append(item)
-    assert frames[0] == (wire.START, b'{"planned": 5}')
+    assert frames[0] == (wire.START, b'{"planned": 5, "window": 32}')
     slices = {s.slice_index: s for s in (wire.parse_slice(p) for k, p in frames if k == wire.SLICE)}
     assert sorted(slices) == [2, 3, 4, 5, 6]
     for k, s in slices.items():
@@ -142,20 +213,24 @@ BAD_UPLOADS = [
 
 @pytest.mark.parametrize("name, mutate, status, code, word", BAD_UPLOADS, ids=[u[0] for u in BAD_UPLOADS])
 def test_bad_uploads(http, sid, name, mutate, status, code, word):
-    body = mutate(upload_body(random_volume(SHAPE, seed=5)))
-    r = http.post(protocol.SESSIONS, content=body, headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
-    assert_error(r, status, code, word)
+    vol = random_volume(SHAPE, seed=5)
+    assert_error(upload(http, vol, mutate(upload_body(vol))), status, code, word)
+    assert http.app.state.manager.stats()["reserved_bytes"] == 0
     assert_good_request_works(http, sid)
 
 
 def test_nan_volume_and_wrong_content_type(http, sid):
     vol = np.zeros(SHAPE, np.float32)
     vol[3, 4, 5] = np.nan
-    r = http.post(protocol.SESSIONS, content=upload_body(vol),
-                  headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
-    assert_error(r, 400, "bad_request", "NaN")
-    r = http.post(protocol.SESSIONS, content=b"hello", headers={**AUTH, "Content-Type": "text/plain"})
+    assert_error(upload(http, vol), 400, "bad_request", "NaN")
+    r = http.put(protocol.VOLUME.format(fingerprint="0" * 32), content=b"hello",
+                 headers={**AUTH, "Content-Type": "text/plain"})
     assert_error(r, 400, "bad_request", wire.VOLUME_MEDIA_TYPE)
+    r = http.post(protocol.SESSIONS, content=b"hello", headers={**AUTH, "Content-Type": "text/plain"})
+    assert_error(r, 400, "bad_request", "JSON")
+    r = http.put(protocol.VOLUME.format(fingerprint="0" * 32), content=upload_body(vol),
+                 headers={**AUTH, "Content-Type": wire.VOLUME_MEDIA_TYPE})
+    assert_error(r, 400, "bad_request", "fingerprint")
     r = http.post(protocol.SESSIONS, content=b"{nope", headers={**AUTH, "Content-Type": "application/json"})
     assert_error(r, 400, "bad_request", "JSON")
     assert_good_request_works(http, sid)
@@ -189,7 +264,7 @@ def test_bad_prompts(http, sid, body, words):
 def test_nan_point_and_bad_json(http, sid):
     r = http.post(protocol.PROMPTS.format(session_id=sid), headers={**AUTH, "Content-Type": "application/json"},
                   content=b'{"obj_id": 1, "slice_index": 2, "points": [[NaN, 3]], "labels": [1]}')
-    assert_error(r, 400, "bad_request", "NaN")
+    assert_error(r, 400, "bad_request", "points", "finite number")
     r = http.post(protocol.PROMPTS.format(session_id=sid), headers={**AUTH, "Content-Type": "application/json"},
                   content=b'{"obj_id": 1,')
     assert_error(r, 400, "bad_request")
@@ -225,8 +300,8 @@ def test_unknown_session_route_and_preprocessing(http, sid):
     assert_error(http.get("/v1/nothing-here", headers=AUTH), 404, "not_found")
     url = protocol.PREPROCESSING.format(session_id=sid)
     assert_error(http.put(url, json={"preset": "kidney"}, headers=AUTH), 400, "bad_request", "preset")
-    assert_error(http.put(url, json={"level": "high", "width": 3}, headers=AUTH), 400, "bad_request", "numbers")
-    assert_error(http.put(url, json={"gamma": 2}, headers=AUTH), 400, "bad_request", "fields")
+    assert_error(http.put(url, json={"level": "high", "width": 3}, headers=AUTH), 400, "bad_request", "level", "number")
+    assert_error(http.put(url, json={"gamma": 2}, headers=AUTH), 400, "bad_request", "gamma", "not permitted")
     assert http.put(url, json={"preset": "lung"}, headers=AUTH).json() == {"ok": True}
     assert_good_request_works(http, sid)
     r = http.delete(protocol.OBJECT.format(session_id=sid, obj_id=1), headers=AUTH)
@@ -235,17 +310,21 @@ def test_unknown_session_route_and_preprocessing(http, sid):
     assert_error(r, 400, "bad_request", "Nothing to propagate")
 
 
-def test_idle_sessions_expire():
-    with TestClient(make_app(DiskEngine(), idle_timeout_s=0.3)) as http:
+def test_idle_sessions_expire_in_the_background():
+    with local(make_app(DiskEngine(), idle_timeout_s=0.3, reaper_period_s=0.1)) as http:
         sid = open_session(http, random_volume(SHAPE))
-        time.sleep(0.5)
+        opened = time.monotonic()
+        while http.app.state.manager.stats()["sessions"] and time.monotonic() - opened < 3:
+            time.sleep(0.02)  # no request arrives meanwhile: the reaper alone frees the session
+        assert http.app.state.manager.stats()["sessions"] == 0
+        assert time.monotonic() - opened < 0.3 + 0.1 + 1.0  # its timeout plus the reaper's period (and slack)
         r = http.post(protocol.PROMPTS.format(session_id=sid), json={"obj_id": 1, "slice_index": 0,
                                                                      "box": [1, 1, 5, 5]})
         assert_error(r, 410, "session_expired", "idle")
 
 
 def test_too_many_sessions_evicts_the_least_recently_used():
-    with TestClient(make_app(DiskEngine(), max_sessions=2)) as http:
+    with local(make_app(DiskEngine(), max_sessions=2, eviction_grace_s=0)) as http:
         ids = [open_session(http, random_volume(SHAPE, seed=i)) for i in range(3)]
         assert http.app.state.manager.stats()["sessions"] == 2
         r = http.post(protocol.PROMPTS.format(session_id=ids[0]), json={"obj_id": 1, "slice_index": 0,
@@ -257,7 +336,5 @@ def test_too_many_sessions_evicts_the_least_recently_used():
 
 
 def test_a_volume_over_the_memory_budget_is_refused():
-    with TestClient(make_app(DiskEngine(), memory_budget_bytes=10_000)) as http:
-        r = http.post(protocol.SESSIONS, content=upload_body(random_volume(SHAPE)),
-                      headers={"Content-Type": wire.VOLUME_MEDIA_TYPE})
-        assert_error(r, 413, "too_large", "memory budget")
+    with local(make_app(DiskEngine(), memory_budget_bytes=10_000)) as http:
+        assert_error(upload(http, random_volume(SHAPE), headers={}), 413, "too_large", "memory budget")

@@ -32,6 +32,12 @@ def test_threads_must_be_positive():
     assert r.returncode == 2 and "--threads must be at least 1" in r.stderr
 
 
+def test_a_whitespace_token_is_refused_at_start():
+    r = subprocess.run([sys.executable, "-m", "medsam2_backend.server.cli", "--test-engine", "--token", "  \t "],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "empty or only whitespace" in r.stderr
+
+
 def test_token_file_server_on_loopback(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("file-token\n")

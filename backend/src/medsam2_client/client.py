@@ -2,8 +2,11 @@
 
 `RemoteSession` mirrors the engine's `VolumeSession` (same method and field names), so a caller can use either.
 A volume the server already holds (same fingerprint) is not uploaded again. When the server has dropped a
-session (idle timeout, memory eviction, restart), the session is re-opened once, transparently: the volume is
-re-sent if needed and the prompts of the live objects are replayed, then the call is retried.
+session (idle timeout, eviction, restart), the session is re-opened transparently (up to `MAX_REOPENS` times per
+call): the volume is re-sent only if the server no longer has it, the prompts of the live objects are replayed,
+then the call is retried. A busy server (more users than it has room for) answers with `Retry-After`: the client
+waits as told, backing off, for up to `busy_retry_s` in all (default `protocol.CLIENT_BUSY_RETRY_S`, 90 s), then
+raises `errors.Busy`.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ import dataclasses
 import http.client
 import io
 import json
+import random
 import socket
+import time
 import urllib.parse
 
 import numpy as np
 
 from . import errors, protocol, wire
+
+MAX_REOPENS = 3
 
 
 @dataclasses.dataclass
@@ -37,7 +44,8 @@ class MedSAM2Client:
     """A connection profile for one server. `codec` "raw" or "zlib" (default: raw on loopback, else zlib)."""
 
     def __init__(self, url: str = f"http://127.0.0.1:{protocol.DEFAULT_PORT}", token: str | None = None,
-                 timeout: float = 120.0, connect_timeout: float = 5.0, codec: str | None = None):
+                 timeout: float = 120.0, connect_timeout: float = 5.0, codec: str | None = None,
+                 busy_retry_s: float = protocol.CLIENT_BUSY_RETRY_S):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise errors.BadRequest(f"The server address {url!r} is not an http:// or https:// URL.")
@@ -47,6 +55,7 @@ class MedSAM2Client:
         self.token = token
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.codec = codec or ("raw" if protocol.is_loopback(self._host) else "zlib")
+        self.busy_retry_s = busy_retry_s
         self._compatible = False
 
     # ---- public -----------------------------------------------------------------------------------------------
@@ -72,13 +81,15 @@ class MedSAM2Client:
         return self.request_json("GET", protocol.CAPABILITIES)
 
     def open_session(self, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
-                     preprocessing: dict | None = None, fingerprint: str | None = None) -> "RemoteSession":
+                     preprocessing: dict | None = None, fingerprint: str | None = None,
+                     upload_progress=None) -> "RemoteSession":
         """A session on the server for `volume` (uploaded only if the server does not have it already).
 
         `fingerprint`: `wire.fingerprint(volume)` when the caller already has it (hashing 150 MB takes 0.1 s).
+        `upload_progress(fraction)`: called with 0..1 while the volume is sent (not at all when it is not sent).
         """
         self._ensure_compatible()
-        return RemoteSession(self, volume, spacing, axis, preprocessing, fingerprint)
+        return RemoteSession(self, volume, spacing, axis, preprocessing, fingerprint, upload_progress)
 
     # ---- transport --------------------------------------------------------------------------------------------
     def _ensure_compatible(self) -> None:
@@ -106,8 +117,32 @@ class MedSAM2Client:
     def _translated_errors(self):
         return _TranslatedErrors(self)
 
+    def retrying_busy(self, call):
+        """`call()`, retried while the server answers busy with a Retry-After, for up to `busy_retry_s` in all."""
+        deadline = time.monotonic() + self.busy_retry_s
+        pause = 0.5
+        while True:
+            try:
+                return call()
+            except errors.Busy as e:
+                remaining = deadline - time.monotonic()
+                if e.retry_after is None:
+                    raise
+                if remaining <= 0:
+                    raise errors.Busy(f"{e} It stayed busy for {self.busy_retry_s:g} s; try again later.",
+                                      e.code) from None
+                time.sleep(min(max(e.retry_after, pause) * random.uniform(1.0, 1.3), remaining))
+                pause = min(2 * pause, 8.0)
+
     def request(self, method: str, path: str, body=None, headers: dict | None = None) -> http.client.HTTPResponse:
-        """Send one request; a non-2xx answer raises the typed error. The caller reads (and closes) the response."""
+        """Send one request; a non-2xx answer raises the typed error. The caller reads (and closes) the response.
+
+        A request whose body can be sent again is retried while the server is busy (see `retrying_busy`)."""
+        if body is None or isinstance(body, bytes):
+            return self.retrying_busy(lambda: self._request_once(method, path, body, headers))
+        return self._request_once(method, path, body, headers)
+
+    def _request_once(self, method: str, path: str, body, headers: dict | None) -> http.client.HTTPResponse:
         conn = self._connect()
         try:
             with self._translated_errors():
@@ -123,7 +158,9 @@ class MedSAM2Client:
                     payload = json.loads(raw)
                 except ValueError:
                     payload = None
-                raise errors.from_error_body(payload, response.status)
+                error = errors.from_error_body(payload, response.status)
+                error.retry_after = _seconds(response.getheader("Retry-After"))
+                raise error
             return response
         except BaseException:
             conn.close()
@@ -137,16 +174,17 @@ class MedSAM2Client:
         response.close()
         return json.loads(data)
 
-    def upload_volume(self, volume: np.ndarray, fingerprint: str, spacing, axis: int,
-                      preprocessing: dict | None) -> dict:
-        header, chunks = wire.encode_volume(volume, spacing, axis, self.codec, fingerprint)
+    def upload_volume(self, volume: np.ndarray, fingerprint: str, progress=None) -> dict:
+        """Send a volume the server lacks (retried while the server is busy making room for it)."""
+        return self.retrying_busy(lambda: self._upload_once(volume, fingerprint, progress))
+
+    def _upload_once(self, volume, fingerprint, progress) -> dict:
+        header, chunks = wire.encode_volume(volume, self.codec, fingerprint, progress)
         extra = {"Content-Type": wire.VOLUME_MEDIA_TYPE}
-        if preprocessing:
-            extra[protocol.PREPROCESSING_HEADER] = json.dumps(preprocessing)
         if self.codec == "raw":
             extra["Content-Length"] = str(len(header) + volume.nbytes)
         body = _chain(header, chunks)
-        response = self.request("POST", protocol.SESSIONS, body, extra)
+        response = self.request("PUT", protocol.VOLUME.format(fingerprint=fingerprint), body, extra)
         with self._translated_errors():
             data = response.read()
         response.close()
@@ -180,6 +218,13 @@ class _TranslatedErrors:
         return False
 
 
+def _seconds(header: str | None) -> float | None:
+    try:
+        return max(0.0, float(header)) if header is not None else None
+    except ValueError:
+        return None
+
+
 def _chain(header: bytes, chunks):
     yield header
     yield from chunks
@@ -189,7 +234,7 @@ class RemoteSession:
     """A volume on the server; the same methods as the engine's `VolumeSession`."""
 
     def __init__(self, client: MedSAM2Client, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
-                 preprocessing: dict | None = None, fingerprint: str | None = None):
+                 preprocessing: dict | None = None, fingerprint: str | None = None, upload_progress=None):
         self._client = client
         try:
             self._volume = wire.wire_array(volume)
@@ -203,16 +248,22 @@ class RemoteSession:
         self.uploads = 0  # volume uploads so far (0 when the server already had the volume)
         self.reopened = 0  # transparent re-opens after the server dropped the session
         self.session_id: str | None = None
+        self._upload_progress = upload_progress
         self._open()
 
     def _open(self) -> None:
-        try:
-            info = self._client.request_json("POST", protocol.SESSIONS, {
-                "fingerprint": self.fingerprint, "spacing": list(self.spacing), "axis": self.axis,
-                "preprocessing": self._preprocessing})
-        except errors.NotFound:
-            info = self._client.upload_volume(self._volume, self.fingerprint, self.spacing, self.axis,
-                                              self._preprocessing)
+        """Open by fingerprint; upload the volume only when the server lacks it (and once more if a crowded
+        server dropped it again before the session could open)."""
+        body = {"fingerprint": self.fingerprint, "spacing": list(self.spacing), "axis": self.axis,
+                "preprocessing": self._preprocessing}
+        for attempt in range(3):
+            try:
+                info = self._client.request_json("POST", protocol.SESSIONS, body)
+                break
+            except errors.NotFound:
+                if attempt == 2:
+                    raise
+            self._client.upload_volume(self._volume, self.fingerprint, self._upload_progress)
             self.uploads += 1
         self.session_id = info["session_id"]
         self.num_slices = info["num_slices"]
@@ -222,15 +273,20 @@ class RemoteSession:
         return route.format(session_id=self.session_id, **params)
 
     def _reopening(self, call):
-        """Run `call`; if the server dropped the session, re-open it, replay the prompts and run it once more."""
-        try:
-            return call()
-        except errors.SessionExpired:
-            self._open()
-            for body in self._prompts:
-                self._send_prompt(body)
+        """Run `call`; if the server dropped the session, re-open it, replay the prompts and run it again."""
+        for _ in range(MAX_REOPENS):
+            try:
+                return call()
+            except errors.SessionExpired:
+                pass
+            try:
+                self._open()
+                for body in self._prompts:
+                    self._send_prompt(body)
+            except errors.SessionExpired:
+                continue  # dropped again while re-opening (a crowded server): start over
             self.reopened += 1
-            return call()
+        return call()
 
     # ---- the engine session's methods ---------------------------------------------------------------------------
     def add_prompt(self, obj_id: int, slice_index: int, *, points=None, labels=None, box=None, mask=None,
@@ -307,11 +363,14 @@ class RemotePropagation:
         self._cancelled = False
         self.summary: PropagationSummary | None = None
         self.done = 0
+        self.received = 0  # slice frames read (and acknowledged every few, so the server keeps computing)
         try:
             kind, payload = self._next_frame()
             if kind != wire.START:
                 raise errors.ServerError("The server's propagation stream did not start properly; check its log.")
-            self.planned = json.loads(payload)["planned"]
+            start = json.loads(payload)
+            self.planned = start["planned"]
+            self._ack_every = max(1, start["window"] // 2)  # acknowledge well before the server's window is full
         except BaseException:
             self.close()  # nobody will iterate this stream: free its connection now
             raise
@@ -337,10 +396,19 @@ class RemotePropagation:
                 elif kind == wire.SLICE:
                     f = wire.parse_slice(payload)
                     self.done = f.done
+                    self.received += 1
+                    if self.received % self._ack_every == 0:
+                        self._acknowledge()
                     if not self._cancelled:
                         yield _slice_mask(f)
         finally:
             self.close()
+
+    def _acknowledge(self) -> None:
+        try:
+            self._client.request_json("POST", self._session._path(protocol.ACKNOWLEDGE), {"received": self.received})
+        except errors.SessionExpired:
+            pass  # the stream's own frames say how it ends
 
     def cancel(self) -> None:
         """Ask the server to stop after the slice it is computing (safe from any thread)."""

@@ -8,6 +8,7 @@ class MedSAM2Error(Exception):
     """Base of every client error; `code` is the server's stable error code when the server sent one."""
 
     code = None
+    retry_after = None  # seconds, when the server said a retry can succeed (a busy server)
 
     def __init__(self, message: str, code: str | None = None):
         super().__init__(message)

@@ -6,12 +6,13 @@ when a request or response changes incompatibly; the client refuses a server wit
 
 import ipaddress
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: one JSON open, volumes uploaded by fingerprint, acknowledged propagation streams
 API_PREFIX = "/v1"
 
 # Routes (the session id and object id are path parameters).
 HEALTH = API_PREFIX + "/health"
 CAPABILITIES = API_PREFIX + "/capabilities"
+VOLUME = API_PREFIX + "/volumes/{fingerprint}"  # PUT a volume the server said it lacks
 SESSIONS = API_PREFIX + "/sessions"
 SESSION = SESSIONS + "/{session_id}"
 PROMPTS = SESSION + "/prompts"
@@ -19,6 +20,7 @@ PROPAGATE = SESSION + "/propagate"
 CANCEL = SESSION + "/cancel"
 PREPROCESSING = SESSION + "/preprocessing"
 OBJECT = SESSION + "/objects/{obj_id}"
+ACKNOWLEDGE = PROPAGATE + "/ack"  # the client has read N slices of the running propagation
 
 # Stable error codes and the HTTP status each is sent with.
 BAD_REQUEST = "bad_request"
@@ -34,7 +36,6 @@ HTTP_STATUS = {BAD_REQUEST: 400, UNAUTHORIZED: 401, NOT_FOUND: 404, SESSION_EXPI
 # Headers.
 AUTHORIZATION = "Authorization"  # "Bearer <token>"
 PROTOCOL_HEADER = "X-MedSAM2-Protocol"  # the client's protocol version, on every request
-PREPROCESSING_HEADER = "X-MedSAM2-Preprocessing"  # JSON preprocessing sent along with a volume upload
 
 # Default limits of a server (the server reports its own in /capabilities).
 DEFAULT_PORT = 8765
@@ -42,7 +43,15 @@ DEFAULT_MAX_SESSIONS = 8
 DEFAULT_MEMORY_BUDGET_BYTES = 8 << 30
 DEFAULT_IDLE_TIMEOUT_S = 30 * 60
 DEFAULT_MAX_UPLOAD_BYTES = 2 << 30
-MAX_JSON_BYTES = 64 << 20  # a JSON request (a mask prompt is a few kB compressed)
+MAX_JSON_BYTES = 4 << 20  # any JSON request; a worst-case 4096^2 mask prompt is ~2.8 MiB of base64
+DEFAULT_EVICTION_GRACE_S = 60.0  # a session used this recently is never evicted for another
+MAX_OBJECTS_PER_SESSION = 64
+DEFAULT_MAX_CONNECTIONS = 64
+HEADER_TIMEOUT_S = 10.0  # a connection must have sent its request's headers by then
+DEFAULT_BODY_IDLE_S = 30.0  # a request body that stops arriving for this long is refused
+DEFAULT_STALL_TIMEOUT_S = 60.0  # a propagation whose client reads nothing for this long is cancelled
+PROPAGATION_WINDOW = 32  # slices the server computes beyond what the client has acknowledged
+CLIENT_BUSY_RETRY_S = 90.0  # how long the client retries a busy server (honouring Retry-After) before raising
 
 PROMPT_TYPES = ("points", "box", "mask")
 DIRECTIONS = ("both", "forward", "backward")

@@ -1,18 +1,19 @@
 """The one binary format of the protocol, used by the server and the client alike (standard library + numpy).
 
-Volume upload (`VOLUME_MEDIA_TYPE`), little-endian:
-    header  magic b"MS2V" | version u16 | dtype code u8 | axis u8 | codec u8 | reserved u8 (0)
-            | shape 3 x u32 | spacing 3 x f64 | fingerprint 16 bytes                           (62 bytes)
+Volume upload (`VOLUME_MEDIA_TYPE`, `PUT /v1/volumes/<fingerprint>`), little-endian:
+    header  magic b"MS2V" | version u16 | dtype code u8 | codec u8 | reserved u16 (0) | shape 3 x u32
+            | fingerprint 16 bytes                                                               (38 bytes)
     payload the voxels in C order, little-endian, raw or as one zlib stream (codec 0 raw, 1 zlib)
-The fingerprint is blake2b-128 of (dtype code, shape, raw voxel bytes): the volume's identity whatever codec,
-spacing or axis it is sent with. The client asks "have you got fingerprint X" before uploading; the server
-recomputes it while decoding, so a corrupted upload is refused.
+The fingerprint is blake2b-128 of (dtype code, shape, raw voxel bytes): the volume's identity whatever codec it
+is sent with. A volume is only voxels; a session's axis and preprocessing travel in the JSON that opens it. The
+client uploads a volume only when the server answers that it lacks the fingerprint; the server recomputes it
+while decoding, so a corrupted upload is refused.
 
 Slice mask (responses, mask prompts): height u32 | width u32 | y0 u32 | x0 u32 | h u32 | w u32 | zlib(packbits)
 of the mask cropped to its bounding box (h = w = 0 for an empty mask).
 
 Frames (`FRAMES_MEDIA_TYPE`: a prompt's answer, the propagation stream): kind u8 | length u32 | payload.
-    START   JSON {"planned": n}
+    START   JSON {"planned": n, "window": slices the server computes beyond the client's acknowledgements}
     SLICE   obj_id u32 | slice_index u32 | object_score f64 | iou f64 | stage u8 | done u32 | planned u32 | mask
     SUMMARY JSON summary; the last frame of a complete stream
     ERROR   JSON {"error": {"code", "message"}}; the last frame of a failed stream
@@ -32,7 +33,7 @@ import numpy as np
 VOLUME_MEDIA_TYPE = "application/x-medsam2-volume"
 FRAMES_MEDIA_TYPE = "application/x-medsam2-frames"
 VOLUME_MAGIC = b"MS2V"
-VOLUME_VERSION = 1
+VOLUME_VERSION = 2
 CODEC_RAW, CODEC_ZLIB = 0, 1
 CODECS = {"raw": CODEC_RAW, "zlib": CODEC_ZLIB}
 # The voxel types the engine accepts, by wire code (never reorder: the codes are the protocol).
@@ -41,7 +42,7 @@ DTYPES = {1: np.uint8, 2: np.int8, 3: np.uint16, 4: np.int16, 5: np.uint32, 6: n
 DTYPE_CODES = {np.dtype(t): code for code, t in DTYPES.items()}
 MAX_SIDE = 16384  # per axis; the engine applies its own, stricter limits
 
-_VOLUME_HEADER = struct.Struct("<4sHBBBB3I3d16s")
+_VOLUME_HEADER = struct.Struct("<4sHBBH3I16s")
 VOLUME_HEADER_SIZE = _VOLUME_HEADER.size
 _MASK_HEADER = struct.Struct("<6I")
 _FRAME_HEADER = struct.Struct("<BI")
@@ -69,6 +70,8 @@ def wire_array(volume: np.ndarray) -> np.ndarray:
                               f"{', '.join(np.dtype(t).name for t in DTYPES.values())}.")
     if volume.ndim != 3:
         raise WireFormatError(f"The volume must be 3D; this array has shape {volume.shape}.")
+    if volume.size == 0:
+        raise WireFormatError(f"The volume is empty (shape {volume.shape}).")
     return np.ascontiguousarray(volume, dtype=dtype)
 
 
@@ -88,15 +91,17 @@ def fingerprint(volume: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def encode_volume(volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0, codec: str = "raw",
-                  fingerprint_hex: str | None = None) -> tuple[bytes, Iterator[bytes]]:
-    """The upload header and an iterator over the payload chunks (compressed lazily, never all in memory)."""
+def encode_volume(volume: np.ndarray, codec: str = "raw", fingerprint_hex: str | None = None,
+                  progress=None) -> tuple[bytes, Iterator[bytes]]:
+    """The upload header and an iterator over the payload chunks (compressed lazily, never all in memory).
+
+    `progress(fraction)` is called as the chunks are taken, with the share of the voxels sent so far (0..1)."""
     a = wire_array(volume)
     if codec not in CODECS:
         raise WireFormatError(f"Unknown codec {codec!r}; use one of {', '.join(CODECS)}.")
     fp = bytes.fromhex(fingerprint_hex or fingerprint(a))
-    header = _VOLUME_HEADER.pack(VOLUME_MAGIC, VOLUME_VERSION, _dtype_code(a.dtype), axis, CODECS[codec], 0,
-                                 *a.shape, *(float(s) for s in spacing), fp)
+    header = _VOLUME_HEADER.pack(VOLUME_MAGIC, VOLUME_VERSION, _dtype_code(a.dtype), CODECS[codec], 0, *a.shape,
+                                 fp)
     raw = memoryview(a).cast("B")
 
     def chunks() -> Iterator[bytes]:
@@ -106,6 +111,8 @@ def encode_volume(volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0, co
             out = z.compress(piece) if z else piece
             if out:
                 yield out
+            if progress is not None:
+                progress(min(1.0, (i + len(piece)) / len(raw)))
         if z:
             yield z.flush()
 
@@ -116,10 +123,8 @@ def encode_volume(volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0, co
 class VolumeHeader:
     version: int
     dtype: np.dtype
-    axis: int
     codec: int
     shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
     fingerprint: str
 
     @property
@@ -132,8 +137,8 @@ def parse_volume_header(data: bytes, max_raw_bytes: int) -> VolumeHeader:
     if len(data) < VOLUME_HEADER_SIZE:
         raise WireFormatError(f"The upload is shorter ({len(data)} bytes) than the {VOLUME_HEADER_SIZE}-byte "
                               f"volume header.")
-    magic, version, code, axis, codec, reserved, *rest = _VOLUME_HEADER.unpack_from(data)
-    shape, spacing, fp = tuple(rest[:3]), tuple(rest[3:6]), rest[6]
+    magic, version, code, codec, reserved, *rest = _VOLUME_HEADER.unpack_from(data)
+    shape, fp = tuple(rest[:3]), rest[3]
     if magic != VOLUME_MAGIC:
         raise WireFormatError("This is not a MedSAM2 volume upload (wrong magic bytes).")
     if version != VOLUME_VERSION:
@@ -141,16 +146,14 @@ def parse_volume_header(data: bytes, max_raw_bytes: int) -> VolumeHeader:
                               f"{VOLUME_VERSION}); update the client or the server so they match.")
     if code not in DTYPES:
         raise WireFormatError(f"Unknown voxel type code {code}.")
-    if codec not in CODECS.values() or reserved != 0:
-        raise WireFormatError(f"Unknown codec {codec}.")
-    if axis not in (0, 1, 2):
-        raise WireFormatError(f"The propagation axis must be 0, 1 or 2, not {axis}.")
+    if codec not in CODECS.values():
+        known = ", ".join(f"{v} ({k})" for k, v in CODECS.items())
+        raise WireFormatError(f"Unknown codec {codec}; this server reads {known}.")
+    if reserved != 0:
+        raise WireFormatError(f"The volume header's reserved field must be 0, not {reserved}.")
     if min(shape) < 1 or max(shape) > MAX_SIDE:
         raise WireFormatError(f"The volume shape {shape} is empty or has a side over {MAX_SIDE} voxels.")
-    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
-        raise WireFormatError(f"The spacing must be three positive numbers, got {spacing}.")
-    header = VolumeHeader(version, np.dtype(DTYPES[code]).newbyteorder("<"), axis, codec, shape, spacing,
-                          fp.hex())
+    header = VolumeHeader(version, np.dtype(DTYPES[code]).newbyteorder("<"), codec, shape, fp.hex())
     if header.raw_nbytes > max_raw_bytes:
         raise VolumeTooLarge(f"The volume {shape} ({header.raw_nbytes / 2**20:.4g} MiB) is larger than this "
                              f"server accepts ({max_raw_bytes / 2**20:.4g} MiB); crop it or raise --max-upload-mb.")
@@ -158,10 +161,15 @@ def parse_volume_header(data: bytes, max_raw_bytes: int) -> VolumeHeader:
 
 
 class VolumeDecoder:
-    """Decodes an upload as its bytes arrive: header checked first, voxels written straight into the array."""
+    """Decodes an upload as its bytes arrive: header checked first, voxels written straight into the array.
 
-    def __init__(self, max_raw_bytes: int):
+    `admit(header)`, called after the header is checked and before the array is allocated, may raise to refuse
+    the upload (the server reserves the declared size against its memory budget there).
+    """
+
+    def __init__(self, max_raw_bytes: int, admit=None):
         self.max_raw_bytes = max_raw_bytes
+        self.admit = admit
         self.header: VolumeHeader | None = None
         self._pending = b""
         self._array = self._out = self._hash = self._unzip = None
@@ -172,7 +180,10 @@ class VolumeDecoder:
             self._pending += chunk
             if len(self._pending) < VOLUME_HEADER_SIZE:
                 return
-            self.header = h = parse_volume_header(self._pending, self.max_raw_bytes)
+            h = parse_volume_header(self._pending, self.max_raw_bytes)
+            if self.admit is not None:
+                self.admit(h)
+            self.header = h
             self._array = np.empty(h.shape, h.dtype)
             self._out = memoryview(self._array).cast("B")
             self._hash = hashlib.blake2b(_identity(_dtype_code(h.dtype), h.shape), digest_size=16)
@@ -226,10 +237,19 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return _MASK_HEADER.pack(*mask.shape, y0, x0, *crop.shape) + zlib.compress(np.packbits(crop).tobytes(), 1)
 
 
-def decode_mask(data: bytes | memoryview) -> np.ndarray:
-    """The full-slice bool mask rebuilt from `encode_mask`'s bytes."""
+def mask_shape(data: bytes | memoryview) -> tuple[int, int]:
+    """The (height, width) a mask declares, read before anything is allocated for it."""
     if len(data) < _MASK_HEADER.size:
         raise WireFormatError("A slice mask is shorter than its header.")
+    return _MASK_HEADER.unpack_from(data)[:2]
+
+
+def decode_mask(data: bytes | memoryview, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The full-slice bool mask rebuilt from `encode_mask`'s bytes; with `expected_shape`, a mask of another
+    shape is refused before it is decoded."""
+    declared = mask_shape(data)
+    if expected_shape is not None and declared != tuple(expected_shape):
+        raise WireFormatError(f"A mask prompt must have the slice's shape {tuple(expected_shape)}, got {declared}.")
     height, width, y0, x0, h, w = _MASK_HEADER.unpack_from(data)
     if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE) or y0 + h > height or x0 + w > width:
         raise WireFormatError(f"A slice mask declares an impossible geometry ({height}x{width}, box at "

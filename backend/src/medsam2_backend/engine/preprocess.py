@@ -61,7 +61,9 @@ class Preprocessing:
             raise EngineInputError("Give either a CT window preset or a level and width, not both.")
         if (self.level is None) != (self.width is None):
             raise EngineInputError("A CT window needs both a level and a width.")
-        if self.width is not None and not (np.isfinite(self.width) and self.width > 0 and np.isfinite(self.level)):
+        if self.level is not None and not np.isfinite(self.level):
+            raise EngineInputError(f"The window level must be a finite number (got {self.level!r}).")
+        if self.width is not None and not (np.isfinite(self.width) and self.width > 0):
             raise EngineInputError(f"The window width must be a positive number (got {self.width!r}).")
         if not 0 <= lo < hi <= 100:
             raise EngineInputError(f"Percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles!r}.")
@@ -92,6 +94,13 @@ class Preprocessing:
         return level - width / 2.0, level + width / 2.0
 
 
+def validate_shape(shape) -> None:
+    """The engine's size limits, checkable on a declared shape before any voxel is received."""
+    if max(shape) > 4 * MAX_SLICE_SIDE or sorted(shape)[1] > MAX_SLICE_SIDE:
+        raise EngineInputError(f"The volume {tuple(shape)} is too large for interactive segmentation (slices up "
+                               f"to {MAX_SLICE_SIDE} pixels a side, up to {4 * MAX_SLICE_SIDE} slices).")
+
+
 def validate_volume(volume) -> None:
     """Reject what cannot be segmented, with a sentence a user can act on."""
     if not isinstance(volume, np.ndarray):
@@ -103,8 +112,7 @@ def validate_volume(volume) -> None:
         raise EngineInputError(f"The volume is empty (shape {volume.shape}).")
     if volume.dtype.type not in ALLOWED_DTYPES:
         raise EngineInputError(f"Voxel type {volume.dtype} is not supported; use an integer or float type.")
-    if max(volume.shape) > 4 * MAX_SLICE_SIDE or sorted(volume.shape)[1] > MAX_SLICE_SIDE:
-        raise EngineInputError(f"The volume {volume.shape} is too large for interactive segmentation.")
+    validate_shape(volume.shape)
     if volume.dtype.kind == "f" and not np.isfinite(volume).all():
         raise EngineInputError("The volume contains NaN or infinite voxels; fix or mask them first.")
 

@@ -64,6 +64,13 @@ class FeatureCache:
         self._entries[k] = fpn
         self.nbytes += size
 
+    def shrink(self, budget_bytes: int) -> None:
+        """Lower (or raise) the budget, dropping least-recently-used slices until the cache fits it."""
+        self.budget_bytes = budget_bytes
+        while self._entries and self.nbytes > budget_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= sum(f.numel() * f.element_size() for f in evicted)
+
     def clear(self) -> None:
         self._entries.clear()
         self._pos_enc = None

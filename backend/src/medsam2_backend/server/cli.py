@@ -36,6 +36,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="exit when standard input closes (for a parent that starts the server with a pipe, such as "
                         "the Slicer extension: the server then ends with it). Off by default: docker run without "
                         "-i, systemd and tests give no stdin")
+    p.add_argument("--eviction-grace", type=float, default=protocol.DEFAULT_EVICTION_GRACE_S, metavar="SECONDS",
+                   help="a session used within this time is never evicted for another user's; newcomers are "
+                   "told the server is busy and when to retry")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated host names the server answers besides loopback names (the public name "
+                   "behind a reverse proxy); '*' for any")
+    p.add_argument("--max-connections", type=int, default=protocol.DEFAULT_MAX_CONNECTIONS,
+                   help="open connections before new requests are answered 503")
+    p.add_argument("--stall-timeout", type=float, default=protocol.DEFAULT_STALL_TIMEOUT_S, metavar="SECONDS",
+                   help="cancel a propagation whose client has read nothing for this long")
+    p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (behind the token)")
     return p.parse_args(argv)
 
 
@@ -63,7 +74,9 @@ def exit_when_stdin_closes() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    token = args.token
+    token = args.token.strip() if args.token is not None else None
+    if args.token is not None and not token:
+        return _fail("the token given with --token is empty or only whitespace.")
     if args.token_file is not None:
         try:
             token = args.token_file.read_text().strip()
@@ -88,6 +101,7 @@ def main(argv=None) -> int:
 
     from ..engine import DiskEngine, EngineInputError, load_engine
     from .app import make_app
+    from .transport import uvicorn_config
 
     if args.test_engine:
         engine = DiskEngine()
@@ -103,8 +117,12 @@ def main(argv=None) -> int:
             return _fail(str(e))
     app = make_app(engine, token=token, max_sessions=args.max_sessions,
                    memory_budget_bytes=int(args.memory_budget * 2**30), idle_timeout_s=args.idle_timeout,
-                   max_upload_bytes=int(args.max_upload_mb * 2**20))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+                   max_upload_bytes=int(args.max_upload_mb * 2**20), eviction_grace_s=args.eviction_grace,
+                   bound_to_loopback=protocol.is_loopback(args.host),
+                   allowed_hosts=[h for h in args.allowed_hosts.split(",") if h.strip()], docs=args.docs,
+                   stall_timeout_s=args.stall_timeout)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level,
+                                  max_connections=args.max_connections)).run()
     return 0
 
 

@@ -1,10 +1,15 @@
-"""The server's sessions: one volume each, bounded in number, idle time and memory.
+"""The server's sessions: one volume each, bounded in number, idle time and memory - admitted before allocation.
 
 A session is used by one request at a time (its own lock); the engine serialises model work of all sessions
 itself (the SAM-2 engine holds one lock for the accelerator around each slice), so concurrent sessions never
-interleave inside the model, and nothing here blocks the server's event loop on it. Sessions idle for longer than the
-idle timeout expire; when the memory estimate (volumes + mask stores + feature caches) exceeds the budget, the
-least recently used idle sessions are evicted. Either way the client gets `session_expired` and re-opens.
+interleave inside the model, and nothing here blocks the server's event loop on it.
+
+Memory is admitted, not discovered: an upload's declared size, a new object's masks and a propagation's feature
+cache are reserved against the budget before anything is allocated (uploads in flight count too). To make room,
+spare volumes go first, then idle sessions' feature caches shrink, then sessions idle for longer than the eviction
+grace period are evicted (least recently used first). A session used within the grace period is never evicted: the
+newcomer is told the server is busy and when to retry. Sessions idle for longer than the idle timeout are expired
+by a reaper in the background. An evicted or expired session's client gets `session_expired` and re-opens.
 Volumes are shared by fingerprint, and a closed session's volume is kept (first to go under memory pressure) so
 re-opening it - on another axis, say - needs no upload.
 """
@@ -15,6 +20,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 import threading
 import time
@@ -29,6 +35,10 @@ log = logging.getLogger(__name__)
 _GONE_REMEMBERED = 4096
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.4g} MiB"
+
+
 @dataclasses.dataclass(eq=False)
 class ManagedSession:
     id: str
@@ -38,26 +48,61 @@ class ManagedSession:
     last_used: float
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     run: object | None = None  # the propagation in progress, for cancel
+    stream: object | None = None  # its stream, for acknowledgements
     closed: bool = False
 
+    @property
+    def cache(self):
+        """The engine session's feature cache, where it has one (SAM-2's; the test engine has none)."""
+        return getattr(self.engine_session, "cache", None)
+
     def working_bytes(self) -> int:
-        """Memory beyond the volume, as the engine session counts it (masks, feature cache)."""
-        return self.engine_session.working_bytes()
+        """Memory beyond the volume: what the engine session counts, plus a running propagation's cache grant."""
+        n = self.engine_session.working_bytes()
+        cache = self.cache
+        if self.run is not None and cache is not None:
+            n += max(0, cache.budget_bytes - cache.nbytes)
+        return n
+
+
+class Reservation:
+    """Bytes admitted against the budget for something not yet allocated; released once it is (or is not)."""
+
+    def __init__(self, manager: "SessionManager", nbytes: int):
+        self.manager, self.nbytes = manager, nbytes
+
+    def release(self) -> None:
+        with self.manager._lock:
+            self.manager._reserved -= self.nbytes
+            self.nbytes = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 class SessionManager:
     def __init__(self, engine, *, max_sessions: int = protocol.DEFAULT_MAX_SESSIONS,
                  memory_budget_bytes: int = protocol.DEFAULT_MEMORY_BUDGET_BYTES,
-                 idle_timeout_s: float = protocol.DEFAULT_IDLE_TIMEOUT_S, busy_wait_s: float = 30.0):
+                 idle_timeout_s: float = protocol.DEFAULT_IDLE_TIMEOUT_S, busy_wait_s: float = 30.0,
+                 eviction_grace_s: float = protocol.DEFAULT_EVICTION_GRACE_S,
+                 max_objects: int = protocol.MAX_OBJECTS_PER_SESSION):
         self.engine = engine
         self.max_sessions = max_sessions
         self.memory_budget_bytes = memory_budget_bytes
         self.idle_timeout_s = idle_timeout_s
         self.busy_wait_s = busy_wait_s
+        self.eviction_grace_s = eviction_grace_s
+        self.max_objects = max_objects
+        # A session's feature cache may hold its share of the budget at most; it shrinks when others need room.
+        self.cache_budget_bytes = memory_budget_bytes // max(1, max_sessions)
         self._lock = threading.Lock()
         self._sessions: collections.OrderedDict[str, ManagedSession] = collections.OrderedDict()  # LRU first
         self._spare_volumes: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> why
+        self._reserved = 0
         self.evictions = 0
 
     # ---- opening and closing --------------------------------------------------------------------------------------
@@ -71,24 +116,38 @@ class SessionManager:
                 self._spare_volumes.move_to_end(fingerprint)
             return volume
 
-    def create(self, volume: np.ndarray, fingerprint: str, spacing, axis: int, preprocessing) -> ManagedSession:
-        if volume.nbytes > self.memory_budget_bytes:
-            raise ApiError(protocol.TOO_LARGE, f"The volume ({volume.nbytes / 2**20:.4g} MiB) exceeds the server's "
-                           f"memory budget ({self.memory_budget_bytes / 2**20:.4g} MiB); crop it or start the "
-                           f"server with a larger --memory-budget.")
-        self.sweep()
-        volume.setflags(write=False)  # shared between sessions: nobody may write into it
-        engine_session = self.engine.open_session(volume, spacing, axis, preprocessing)  # validates (bad_request)
+    def admit_volume(self, nbytes: int) -> Reservation:
+        """Reserve room for a volume about to be received (and a slot for its session), or refuse it now."""
+        if nbytes > self.memory_budget_bytes:
+            raise ApiError(protocol.TOO_LARGE, f"The volume ({_mib(nbytes)}) exceeds the server's memory budget "
+                           f"({_mib(self.memory_budget_bytes)}); crop it or start the server with a larger "
+                           f"--memory-budget.")
         with self._lock:
-            while len(self._sessions) >= self.max_sessions:
-                if not self._evict_one_locked(protect=None, why="evicted to make room for a new session"):
-                    engine_session.close()
-                    raise ApiError(protocol.BUSY, f"The server already runs {self.max_sessions} sessions, all busy; "
-                                   f"close one or try again shortly.")
+            self._claim_slot_locked()
+            return self._reserve_locked(nbytes, protect=None, what=f"a volume of {_mib(nbytes)}")
+
+    def add_volume(self, fingerprint: str, volume: np.ndarray, reservation: Reservation) -> None:
+        """A received volume, kept (as a spare until a session opens on it); its reservation becomes its count."""
+        volume.setflags(write=False)  # shared between sessions: nobody may write into it
+        with self._lock:
+            self._spare_volumes[fingerprint] = volume
+            self._reserved -= reservation.nbytes
+            reservation.nbytes = 0
+
+    def create(self, volume: np.ndarray, fingerprint: str, spacing, axis: int, preprocessing) -> ManagedSession:
+        """A session on `volume` (one this manager holds: see `add_volume`)."""
+        engine_session = self.engine.open_session(volume, spacing, axis, preprocessing)  # validates
+        with self._lock:
+            try:
+                self._claim_slot_locked()
+            except ApiError:
+                engine_session.close()
+                raise
             s = ManagedSession(secrets.token_urlsafe(24), fingerprint, volume, engine_session, time.monotonic())
             self._sessions[s.id] = s
             self._spare_volumes.pop(fingerprint, None)
-        self.enforce_budget(protect=s)
+        if s.cache is not None:
+            s.cache.shrink(min(s.cache.budget_bytes, self.cache_budget_bytes))
         log.info("session %s opened: volume %s %s, axis %d", s.id[:8], volume.shape, volume.dtype, axis)
         return s
 
@@ -97,27 +156,29 @@ class SessionManager:
             with self._lock:
                 self._drop_locked(s, "closed by the client", keep_volume=True)
 
-    def sweep(self) -> None:
-        """Expire sessions idle for longer than the idle timeout."""
+    def sweep(self) -> int:
+        """Expire sessions idle for longer than the idle timeout (the reaper calls this); how many went."""
         deadline = time.monotonic() - self.idle_timeout_s
+        expired = 0
         with self._lock:
             for s in [s for s in self._sessions.values() if s.last_used < deadline]:
                 if s.lock.acquire(blocking=False):
                     try:
                         self._drop_locked(s, f"it was idle for more than {self.idle_timeout_s:g} s",
                                           keep_volume=True)
+                        expired += 1
                     finally:
                         s.lock.release()
+        return expired
 
     # ---- use -------------------------------------------------------------------------------------------------------
     def acquire(self, session_id: str) -> ManagedSession:
         """The session with its lock held (release with `release`): one request at a time per session."""
-        self.sweep()
         with self._lock:
             s = self._sessions.get(session_id)
             if s is None:
                 raise self._expired_error(session_id)
-            s.last_used = time.monotonic()  # a waiting request keeps the session from expiring
+            s.last_used = time.monotonic()  # a waiting request keeps the session from expiring or being evicted
         if not s.lock.acquire(timeout=self.busy_wait_s):
             raise ApiError(protocol.BUSY, "This session is still busy with another request (a propagation?); "
                            "cancel it or try again when it has finished.")
@@ -131,10 +192,8 @@ class SessionManager:
 
     def release(self, s: ManagedSession) -> None:
         s.last_used = time.monotonic()
-        s.run = None
+        s.run = s.stream = None
         s.lock.release()
-        if not s.closed:
-            self.enforce_budget(protect=s)
 
     @contextlib.contextmanager
     def use(self, session_id: str):
@@ -146,14 +205,41 @@ class SessionManager:
 
     def cancel(self, session_id: str) -> bool:
         """Cancel the session's propagation, if one runs; True when there was one."""
-        with self._lock:
-            s = self._sessions.get(session_id)
-        if s is None:
-            raise self._expired_error(session_id)
+        s = self.get(session_id)
         run = s.run
         if run is not None:
             run.cancel()
         return run is not None
+
+    def get(self, session_id: str) -> ManagedSession:
+        """The session without taking its lock (cancel, acknowledgements)."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            raise self._expired_error(session_id)
+        return s
+
+    # ---- growth of a session (its lock held) -----------------------------------------------------------------------
+    def admit_object(self, s: ManagedSession, obj_id) -> contextlib.AbstractContextManager:
+        """Room for a new object's masks (the whole volume, one bool per voxel), or a sentence why not."""
+        es = s.engine_session
+        if obj_id in es.object_ids or not isinstance(obj_id, int):
+            return contextlib.nullcontext()  # the engine checks the id itself
+        if len(es.object_ids) >= self.max_objects:
+            raise ApiError(protocol.TOO_LARGE, f"This session already has {self.max_objects} objects, the most "
+                           f"this server keeps per session; reset an object you no longer need.")
+        nbytes = es.num_slices * math.prod(es.slice_shape)
+        with self._lock:
+            return self._reserve_locked(nbytes, protect=s, what=f"another object ({_mib(nbytes)} of masks)")
+
+    def grant_cache(self, s: ManagedSession) -> None:
+        """Before a propagation: let the session's feature cache grow into what is free, up to its share."""
+        cache = s.cache
+        if cache is None:
+            return
+        with self._lock:
+            free = self.memory_budget_bytes - self._memory_locked()
+            cache.shrink(max(0, min(self.cache_budget_bytes, cache.nbytes + free)))
 
     # ---- memory ----------------------------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
@@ -163,27 +249,69 @@ class SessionManager:
     def _memory_locked(self) -> int:
         volumes = {s.fingerprint: s.volume.nbytes for s in self._sessions.values()}
         volumes.update((fp, v.nbytes) for fp, v in self._spare_volumes.items())
-        return sum(volumes.values()) + sum(s.working_bytes() for s in self._sessions.values())
+        return sum(volumes.values()) + sum(s.working_bytes() for s in self._sessions.values()) + self._reserved
 
-    def enforce_budget(self, protect: ManagedSession | None) -> None:
-        """Free spare volumes, then evict least recently used idle sessions, until within the memory budget."""
-        with self._lock:
-            while self._memory_locked() > self.memory_budget_bytes:
-                if self._spare_volumes:
-                    self._spare_volumes.popitem(last=False)
-                elif not self._evict_one_locked(protect, "evicted to stay within the server's memory budget"):
-                    return  # only busy or protected sessions are left
+    def _reserve_locked(self, nbytes: int, protect: ManagedSession | None, what: str) -> Reservation:
+        while self._memory_locked() + nbytes > self.memory_budget_bytes:
+            if not self._make_room_locked(self._memory_locked() + nbytes - self.memory_budget_bytes, protect):
+                own = 0 if protect is None else protect.volume.nbytes + protect.engine_session.working_bytes() - (
+                    protect.cache.nbytes if protect.cache is not None else 0)
+                if own + nbytes > self.memory_budget_bytes:
+                    raise ApiError(protocol.TOO_LARGE, f"There is no room for {what} within the server's memory "
+                                   f"budget ({_mib(self.memory_budget_bytes)}); reset objects you no longer need, "
+                                   f"crop the volume, or start the server with a larger --memory-budget.")
+                raise self._busy_locked()
+        self._reserved += nbytes
+        return Reservation(self, nbytes)
 
-    def _evict_one_locked(self, protect: ManagedSession | None, why: str) -> bool:
+    def _make_room_locked(self, excess: int, protect: ManagedSession | None) -> bool:
+        """Free one thing towards `excess` bytes: a spare volume, idle feature caches, or an idle session."""
+        if self._spare_volumes:
+            self._spare_volumes.popitem(last=False)
+            return True
+        freed = 0
+        for s in self._sessions.values():
+            cache = s.cache
+            if cache is None or not cache.nbytes or (s is not protect and s.lock.locked()) or s.run is not None:
+                continue
+            before = cache.nbytes
+            cache.shrink(max(0, before - (excess - freed)))
+            freed += before - cache.nbytes
+            if freed >= excess:
+                break
+        if freed:
+            return True
+        return self._evict_one_locked(protect, "evicted to make room within the server's memory budget",
+                                      keep_volume=False)
+
+    def _claim_slot_locked(self) -> None:
+        while len(self._sessions) >= self.max_sessions:
+            if not self._evict_one_locked(None, "evicted to make room for another user's session",
+                                          keep_volume=True):
+                raise self._busy_locked()
+
+    def _evict_one_locked(self, protect: ManagedSession | None, why: str, keep_volume: bool) -> bool:
+        """Evict the least recently used session idle for longer than the grace period; False when none is."""
+        grace_ends = time.monotonic() - self.eviction_grace_s
         for s in list(self._sessions.values()):
-            if s is not protect and s.lock.acquire(blocking=False):
+            if s is not protect and s.last_used < grace_ends and s.lock.acquire(blocking=False):
                 try:
-                    self._drop_locked(s, why, keep_volume=False)
+                    self._drop_locked(s, why + f" after it was unused for {self.eviction_grace_s:g} s",
+                                      keep_volume=keep_volume)
                 finally:
                     s.lock.release()
                 self.evictions += 1
                 return True
         return False
+
+    def _busy_locked(self) -> ApiError:
+        now = time.monotonic()
+        active = [s for s in self._sessions.values() if s.lock.locked() or now - s.last_used <= self.eviction_grace_s]
+        soonest = min((s.last_used + self.eviction_grace_s - now for s in active if not s.lock.locked()),
+                      default=self.eviction_grace_s)
+        n = max(1, len(active))
+        return ApiError(protocol.BUSY, f"The server is busy: {n} user{'s are' if n != 1 else ' is'} active; "
+                        f"retry in a moment.", retry_after_s=min(max(soonest, 1.0), max(self.eviction_grace_s, 1.0)))
 
     def _drop_locked(self, s: ManagedSession, why: str, keep_volume: bool) -> None:
         s.closed = True
@@ -205,4 +333,4 @@ class SessionManager:
     def stats(self) -> dict:
         with self._lock:
             return {"sessions": len(self._sessions), "memory_bytes": self._memory_locked(),
-                    "evictions": self.evictions}
+                    "reserved_bytes": self._reserved, "evictions": self.evictions}

@@ -1,9 +1,12 @@
 """A propagation streamed to the client while the engine computes it.
 
 The engine iterates in a worker thread (it holds the session's lock until it ends); each slice is encoded there
-and handed to the event loop through a small bounded queue. The response body waits on that queue and checks for
-a client disconnect a few times a second; when the client goes away, or nobody reads for `stall_s`, the run is
-cancelled and the engine stops after the slice it is computing.
+and handed to the event loop through a queue. The response body waits on that queue and checks for a client
+disconnect a few times a second. The client acknowledges the slices it has read (`protocol.ACKNOWLEDGE`); the
+engine computes at most `window` slices beyond the last acknowledgement, so a client that stops reading while
+its socket stays open (socket buffers hold hundreds of frames) costs a window of work, not the whole run. When
+the client goes away, or acknowledges nothing for `stall_s`, the run is cancelled, the engine stops after the slice
+it is computing and the session is unlocked.
 """
 
 from __future__ import annotations
@@ -12,35 +15,43 @@ import asyncio
 import logging
 import math
 import threading
+import time
 
 from medsam2_client import protocol, wire
 
 from ..engine import EngineInputError
 
 log = logging.getLogger(__name__)
-_AHEAD = 8  # slices the engine may compute before the client has read them
 _POLL_S = 0.2
 
 
 class PropagationStream:
-    def __init__(self, manager, session, run, loop: asyncio.AbstractEventLoop, stall_s: float = 120.0):
+    def __init__(self, manager, session, run, loop: asyncio.AbstractEventLoop,
+                 stall_s: float = protocol.DEFAULT_STALL_TIMEOUT_S, window: int = protocol.PROPAGATION_WINDOW):
         self.manager, self.session, self.run, self.loop = manager, session, run, loop
-        self.stall_s = stall_s
+        self.stall_s, self.window = stall_s, window
         self.queue: asyncio.Queue = asyncio.Queue()
-        self._room = threading.Semaphore(_AHEAD)
+        self._acked = self._sent = 0  # slice frames acknowledged by the client / handed to the response
+        self._progress = threading.Condition()
         self._abandoned = threading.Event()
         self.worker = threading.Thread(target=self._work, name=f"propagate-{session.id[:8]}", daemon=True)
 
     def start(self) -> None:
-        self.session.run = self.run
+        self.session.run, self.session.stream = self.run, self
         self.worker.start()
+
+    def acknowledge(self, received: int) -> None:
+        """The client has read `received` slice frames (from any thread)."""
+        with self._progress:
+            self._acked = max(self._acked, min(received, self._sent))
+            self._progress.notify_all()
 
     # ---- worker thread -------------------------------------------------------------------------------------------
     def _work(self) -> None:
         run, planned = self.run, self.run.planned
         steps = iter(run)
         try:
-            if not self._offer(wire.json_frame(wire.START, {"planned": planned})):
+            if not self._post(wire.json_frame(wire.START, {"planned": planned, "window": self.window})):
                 return
             while True:
                 r = next(steps, None)  # the engine holds its accelerator lock for the slice's model work
@@ -51,12 +62,12 @@ class PropagationStream:
                 if not self._offer(data):
                     run.cancel()
                     return
-            self._offer(wire.json_frame(wire.SUMMARY, summary_json(run)))
+            self._post(wire.json_frame(wire.SUMMARY, summary_json(run)))
         except EngineInputError as e:
-            self._offer(wire.json_frame(wire.ERROR, {"error": {"code": protocol.BAD_REQUEST, "message": str(e)}}))
+            self._post(wire.json_frame(wire.ERROR, {"error": {"code": protocol.BAD_REQUEST, "message": str(e)}}))
         except Exception:
             log.exception("propagation failed")
-            self._offer(wire.json_frame(wire.ERROR, {"error": {
+            self._post(wire.json_frame(wire.ERROR, {"error": {
                 "code": protocol.INTERNAL, "message": "The propagation failed on the server; it keeps running. "
                 "Details are in the server log."}}))
         finally:
@@ -65,12 +76,16 @@ class PropagationStream:
             self._post(None)
 
     def _offer(self, data: bytes) -> bool:
-        """Queue one frame for the client; False when the client is gone or stopped reading."""
-        waited = 0.0
-        while not self._room.acquire(timeout=_POLL_S):
-            waited += _POLL_S
-            if self._abandoned.is_set() or waited >= self.stall_s:
-                return False
+        """Queue one slice frame once the window has room; False when the client is gone or stopped reading."""
+        deadline = time.monotonic() + self.stall_s
+        with self._progress:
+            while self._sent - self._acked >= self.window:
+                if self._abandoned.is_set() or time.monotonic() >= deadline:
+                    if not self._abandoned.is_set():
+                        log.info("the client read nothing for %g s; cancelling its propagation", self.stall_s)
+                    return False
+                self._progress.wait(_POLL_S)
+            self._sent += 1
         return not self._abandoned.is_set() and self._post(data)
 
     def _post(self, item) -> bool:
@@ -96,7 +111,6 @@ class PropagationStream:
                 item, getter = getter.result(), None
                 if item is None:
                     return
-                self._room.release()
                 yield item
         finally:
             if getter is not None:
