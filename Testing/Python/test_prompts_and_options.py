@@ -7,6 +7,8 @@ Editor node), and the scene is saved and loaded again; keys, clicks and drags ar
 real scene of `test_effect_in_editor`'s editor.
 """
 
+import re
+
 import numpy as np
 import pytest
 import slicer
@@ -270,6 +272,15 @@ def test_n_flips_one_click_and_x_and_the_button_remove_prompts_in_one_undo_step(
     fire(effect.removePromptButton, "clicked()")
     assert [p.labels.tolist() for p in prompts(editor)] == [[1], [1]] and editor.voxels("a")[5, 16, 16]
     assert effect.promptList.count == 2 and effect.scriptedEffect._undo_states == undo_states + 2
+    fire(effect.propagateButton, "clicked()")
+    standins.run_timers()
+    propagated = editor.voxels("a")
+    assert propagated[4, 16, 16] and propagated[4, 8, 8]
+    press_key(effect, editor.view, "x")  # after a propagation: it is run again, without the removed prompt
+    replayed = re.fullmatch(r"Removed the prompt on slice 5\. 1 prompt\(s\) replayed, (\d+) slices propagated "
+                            r"again\.", effect.statusLabel.text)
+    assert replayed and int(replayed.group(1)) > 1 and effect.scriptedEffect._undo_states == undo_states + 4
+    assert editor.voxels("a")[4, 16, 16] and not editor.voxels("a")[4:7, 8, 8].any()
 
 
 def test_next_least_certain_cycles_through_the_list(effect):  # noqa: F811
