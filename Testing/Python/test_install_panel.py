@@ -8,7 +8,9 @@ import types
 import pytest
 import slicer
 import slicer_standins as standins
-from slicer_standins import Dialogs, fire, gui_stubs  # noqa: F401  (gui_stubs: a fixture)
+import slicer_util_standins as util_standins
+from slicer_standins import fire, gui_stubs  # noqa: F401  (gui_stubs: a fixture)
+from slicer_util_standins import Dialogs
 from test_install import BARE, READY, World
 
 DEVICE = {"torch": "2.6.0", "cuda_build": "12.4", "cuda_available": True, "cuda_device": "RTX"}
@@ -55,7 +57,7 @@ def test_one_dialog_then_each_step_with_progress_then_the_device(panel):
     confirm = Dialogs.confirmations
     assert len(confirm) == 1 and "Download: about" in confirm[0] and "PyTorch >=2.5.1" in confirm[0]
     (dialog,) = Dialogs.progress
-    assert dialog.maximum == 4 and standins.is_closed(dialog)
+    assert dialog.maximum == 4 and util_standins.is_closed(dialog)
     assert [label.split(":")[0] for label in labels] == [
         "Step 1 of 4", "Step 2 of 4", "Step 3 of 4", "Step 4 of 4", "Step 4 of 4"]
     assert [kind for kind, _ in world.requests] == ["installTorch", "pip", "pip", "pip"]
@@ -87,7 +89,7 @@ def test_a_failure_is_one_sentence_in_a_dialog_and_the_status(panel):
     errors = Dialogs.errors
     assert errors == widget.status and errors[0].startswith("Installing SAM-2 failed (pip exit code 1)")
     assert len(errors) == 1 and "\n" not in errors[0]
-    assert standins.is_closed(Dialogs.progress[-1]) and Dialogs.infos == []
+    assert util_standins.is_closed(Dialogs.progress[-1]) and Dialogs.infos == []
 
 
 def test_cancel_stops_between_steps(panel):
@@ -97,7 +99,7 @@ def test_cancel_stops_between_steps(panel):
 
     def pip_then_cancel(requirements):
         original(requirements)
-        standins.cancel_progress(Dialogs.progress[-1])  # the user clicked Cancel while this step ran
+        util_standins.cancel_progress(Dialogs.progress[-1])  # the user clicked Cancel while this step ran
 
     world.pip_install = pip_then_cancel
     widget.backendInstaller().pip_install = pip_then_cancel
