@@ -74,6 +74,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._running = None  # the EffectTarget of the action this effect runs, pinned to its selection
         self._reader = None  # the BackgroundReader of that action, while it reads on a worker thread
         self._waitCursor = False
+        self._nextClickNegative = False  # n flips the sign of the next click (one click only)
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -443,12 +444,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return True
 
     def onToggleNextClickSign(self):
-        self._nextClickNegative = not getattr(self, "_nextClickNegative", False)
+        self._nextClickNegative = not self._nextClickNegative
         self.statusLabel.text = _("Next click: negative point.") if self._nextClickNegative else ""
 
     def takeNextClickNegative(self) -> bool:
         """Whether the next click's sign is flipped (n); the flip applies to one click only."""
-        negative, self._nextClickNegative = getattr(self, "_nextClickNegative", False), False
+        negative, self._nextClickNegative = self._nextClickNegative, False
         return negative
 
     def onJumpToNextLeastCertain(self):

@@ -1,4 +1,5 @@
-"""Strict stand-ins for the Qt layer of Slicer (`qt`, `slicer.app`, the scripted-effect and module bases).
+"""Strict stand-ins for the Qt layer of Slicer (`qt`, `slicer.app`, the scripted-effect and module bases; the
+fixture also installs `slicer_util_standins`: slicer.i18n and slicer.util's dialogs).
 
 Each class defines exactly the Qt properties, methods and signals the extension uses, with names and signatures
 checked against Qt 5.15 / PythonQt (properties are attributes; signals are connected by signature string) and
@@ -31,6 +32,7 @@ class QObject:
     def __init__(self, *args):
         object.__setattr__(self, "_values", {})
         object.__setattr__(self, "_slots", {})
+        object.__setattr__(self, "_blocked", False)
 
     @classmethod
     def _defaults(cls) -> dict:
@@ -64,11 +66,23 @@ class QObject:
             raise RuntimeError(f"{signal} was not connected to {slot}")
         self._slots[signal].remove(slot)
 
+    def blockSignals(self, block):
+        """QObject::blockSignals: no signal is emitted while blocked; returns the previous state."""
+        previous = self._blocked
+        object.__setattr__(self, "_blocked", bool(block))
+        return previous
+
 
 def fire(obj: QObject, signal: str, *args):
-    """Emit a signal of a stand-in (what the user's click would do)."""
+    """Emit a signal of a stand-in (what the user's click would do); nothing while its signals are blocked."""
+    if obj._blocked:
+        return
     for slot in list(obj._slots.get(signal, [])):
         slot(*args)
+
+
+def signals_blocked(obj: QObject) -> bool:
+    return obj._blocked
 
 
 def connected(obj: QObject, signal: str) -> list:
@@ -208,23 +222,42 @@ class QListWidgetItem:
 
 
 class QListWidget(QWidget):
+    """Qt 5.15 qlistwidget.h: `count` (read-only) and `currentRow` are Q_PROPERTYs, and PythonQt looks a name up
+    as a property before a method (PythonQtClassInfo::member), so they are attributes (`count()` fails, as there)."""
+
     SIGNALS = ("itemClicked(QListWidgetItem*)",)
 
     def __init__(self):
         super().__init__()
         object.__setattr__(self, "_items", [])
+        object.__setattr__(self, "_row", -1)
 
     def addItem(self, item):
-        self._items.append(item)
+        """The QListWidgetItem* and the QString overloads."""
+        self._items.append(QListWidgetItem(item) if isinstance(item, str) else item)
 
     def clear(self):
         self._items.clear()
-
-    def count(self):
-        return len(self._items)
+        object.__setattr__(self, "_row", -1)
 
     def item(self, row):
-        return self._items[row]
+        return self._items[row] if 0 <= row < len(self._items) else None
+
+    def setCurrentRow(self, row):
+        object.__setattr__(self, "_row", row if 0 <= row < len(self._items) else -1)
+
+    def __getattr__(self, name):
+        if name == "count":
+            return len(self._items)
+        if name == "currentRow":
+            return self._row
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name == "currentRow":
+            self.setCurrentRow(value)
+        else:
+            super().__setattr__(name, value)
 
 
 class QLayout(QObject):
@@ -322,8 +355,22 @@ class _Qt:
     WaitCursor = 3
 
 
+class QClipboard:
+    """QClipboard::setText(const QString&, Mode = Clipboard); `clipboard_text()` reads it back for a test."""
+
+    text_set = ""
+
+    def setText(self, text, mode=0):
+        QClipboard.text_set = str(text)
+
+
+def clipboard_text() -> str:
+    return QClipboard.text_set
+
+
 class QApplication:
-    """The static cursor calls Slicer's own effects make (qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor))."""
+    """The static calls the extension makes: the override cursor (as Slicer's own effects,
+    qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)) and QGuiApplication::clipboard()."""
 
     cursors: list = []
 
@@ -334,6 +381,10 @@ class QApplication:
     @staticmethod
     def restoreOverrideCursor():
         QApplication.cursors.pop()
+
+    @staticmethod
+    def clipboard():
+        return QClipboard()
 
 
 class QSettings:
@@ -390,6 +441,12 @@ class SlicerApp:
         self.connections = []
         self.pending_events = []  # callables a test queues as "user events", delivered by processEvents
         self._startup_environment = dict(startup_environment or {})
+        self.applicationVersion = "5.10.0"  # QCoreApplication's Q_PROPERTY (Slicer's WebServer module reads it)
+
+    @staticmethod
+    def translate(context, text):
+        """QCoreApplication::translate, as slicer.i18n calls it: no translation is installed here."""
+        return text
 
     def connect(self, signal, slot):
         if signal not in ("startupCompleted()", "aboutToQuit()"):
@@ -463,6 +520,37 @@ class ScriptedEffect(QObject):
 
     def cursorOff(self, viewWidget):
         pass
+
+    # Effect parameters, as qSlicerSegmentEditorAbstractEffect.cxx (5.10): "<effect name>.<name>" attributes of the
+    # parameter set node; the int overloads store QString::number(value); a getter falls back to the common name.
+    def parameter(self, name):
+        node = self.parameterSetNode()
+        if node is None:
+            return ""
+        value = node.GetAttribute(f"{self.name}.{name}")
+        value = node.GetAttribute(name) if value is None else value
+        return "" if value is None else value
+
+    def parameterDefined(self, name):
+        node = self.parameterSetNode()
+        return node is not None and bool(node.GetAttribute(f"{self.name}.{name}"))
+
+    def setParameter(self, name, value):
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise TypeError(f"setParameter({name!r}, {value!r}): the code uses the QString and int overloads only")
+        node = self.parameterSetNode()
+        old, value = node.GetAttribute(f"{self.name}.{name}"), str(value)
+        if (old is None and not value) or value == (old or ""):
+            return
+        disabled = node.GetDisableModifiedEvent()
+        node.SetDisableModifiedEvent(1)
+        node.SetAttribute(f"{self.name}.{name}", value)
+        node.SetDisableModifiedEvent(disabled)
+        node.InvokeCustomModifiedEvent(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified)
+
+    def setParameterDefault(self, name, value):
+        if not self.parameterDefined(name):
+            self.setParameter(name, value)
 
     def cursorOn(self, viewWidget):
         pass
@@ -576,6 +664,10 @@ def gui_stubs(monkeypatch):
     monkeypatch.setattr(slicer, "ScriptedLoadableModule", loadable, raising=False)
     monkeypatch.setattr(slicer, "qSlicerSegmentEditorAbstractEffect", AbstractEffectEnums, raising=False)
     monkeypatch.setattr(slicer, "app", SlicerApp(), raising=False)
+    import slicer_util_standins
+
+    slicer_util_standins.install(monkeypatch)  # slicer.i18n and slicer.util's dialogs
+    monkeypatch.setattr(QClipboard, "text_set", "")
     monkeypatch.setattr(slicer.util, "loadUI", lambda path: QWidget(), raising=False)
     monkeypatch.setattr(slicer.util, "childWidgetVariables",
                         lambda panel: ui_widgets(MODULE_DIR / "Resources/UI/MedSAM2Slicer.ui"),
@@ -583,9 +675,11 @@ def gui_stubs(monkeypatch):
     monkeypatch.setattr(QTimer, "started", [])
     monkeypatch.setattr(QSettings, "store", {})
     monkeypatch.setattr(QApplication, "cursors", [])
-    from MedSAM2SlicerLib import logic
+    from MedSAM2SlicerLib import effect_options, install, logic, prompt_list
 
     monkeypatch.setattr(logic, "_shared_logic", None)
+    for hooked in (effect_options, install, prompt_list):  # the GUI rebinds their `tr` to slicer.i18n's: restored
+        monkeypatch.setattr(hooked, "tr", hooked.tr)
     for name in ("MedSAM2Slicer", "SegmentEditorMedSAM2Lib", "SegmentEditorMedSAM2Lib.SegmentEditorEffect"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     yield registered

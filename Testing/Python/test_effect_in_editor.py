@@ -125,7 +125,7 @@ def test_click_writes_the_slice_and_propagate_the_volume_with_one_undo_step(edit
     assert standins.QApplication.cursors == []
     voxels = editor.voxels("a")
     assert voxels[4].any() and voxels[6].any() and "slices" in effect.statusLabel.text
-    assert effect.uncertainList.count() > 0 and effect.propagateButton.enabled
+    assert effect.uncertainList.count > 0 and effect.propagateButton.enabled
 
 
 def test_a_hidden_segment_declined_drops_the_click(editor, effect):

@@ -84,9 +84,12 @@ class RefusingSession:
         raise errors.ConnectionRefused("No MedSAM2 server answers.")
 
 
-def test_shutdown_at_exit_tries_every_session_with_a_short_timeout_and_never_raises(panel):
+def test_shutdown_at_exit_tries_every_session_with_a_short_timeout_and_never_raises(gui_stubs):
+    import MedSAM2Slicer
     from MedSAM2SlicerLib.controller import _OpenSession
 
+    panel = MedSAM2Slicer.MedSAM2SlicerWidget()  # not the fixture's: Slicer calls cleanup once (util.py avoids a
+    panel.setup()  # double cleanup on reload), and this test is that call
     panel.logic.connect(url=f"http://127.0.0.1:{free_port()}")
     controller, closed = panel.logic.controller, []
     for axis in (0, 1):

@@ -1,23 +1,25 @@
 """Prompts you can see (list, removal, markers) and the effect's options and shortcuts.
 
-Removal and markers run on real MRML (slicer-core) with the deterministic DiskEngine, so the voxels are known; the
-options go through a stand-in of the scripted effect's parameter calls that does what Slicer's C++ does
-(`qSlicerSegmentEditorAbstractEffect::setParameter` stores "<effect name>.<name>" attributes on the Segment
-Editor node), and the scene is saved and loaded again.
+Removal and markers run on real MRML (slicer-core) with the deterministic DiskEngine, so the voxels are known. The
+effect runs against the strict stand-ins (`slicer_standins`), whose scripted effect stores parameters as Slicer's
+C++ does (`qSlicerSegmentEditorAbstractEffect::setParameter`: "<effect name>.<name>" attributes on the real Segment
+Editor node), and the scene is saved and loaded again; keys, clicks and drags arrive on real interactors in the
+real scene of `test_effect_in_editor`'s editor.
 """
 
-import sys
-import types
+import re
 
 import numpy as np
 import pytest
 import slicer
+import slicer_standins as standins
 import vtk
+from slicer_standins import fire, gui_stubs  # noqa: F401  (a fixture)
+from test_effect_in_editor import editor, effect, interactor, prompts  # noqa: F401  (fixtures and helpers)
 
 from MedSAM2SlicerLib import effect_options, geometry, prompt_list, scenarios
 from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import MedSAM2SlicerLogic
-from test_gui_and_packaging import FakeInteractor, FakeSliceWidget, Stub, gui_stubs  # noqa: F401
 
 AXIAL_IJK_TO_RAS = np.diag([1.0, 1.0, 2.0, 1.0])  # I=R, J=A, K=S: 1 x 1 x 2 mm
 
@@ -152,75 +154,31 @@ def test_the_rubber_band_follows_the_drag_and_goes_away(mrml):
 
 
 # ---- options and shortcuts -----------------------------------------------------------------------------------
-class ScriptedEffectParameters:
-    """The parameter calls of qSlicerSegmentEditorAbstractEffect, on a real vtkMRMLSegmentEditorNode."""
-
-    def __init__(self, node, name="MedSAM2"):
-        self.node, self.name = node, name
-
-    def parameterSetNode(self):
-        return self.node
-
-    def parameterDefined(self, name):
-        return bool(self.node.GetAttribute(f"{self.name}.{name}"))
-
-    def setParameter(self, name, value):
-        self.node.SetAttribute(f"{self.name}.{name}", str(value))
-
-    def setParameterDefault(self, name, value):
-        if not self.parameterDefined(name):
-            self.setParameter(name, value)
-
-    def parameter(self, name):
-        return self.node.GetAttribute(f"{self.name}.{name}") or ""
-
-    def addOptionsWidget(self, widget):
-        pass
-
-    def addLabeledOptionsWidget(self, label, widget):
-        pass
-
-
-class Widget:
-    """A Qt widget's properties the options code uses; blockSignals returns the previous state, as Qt's."""
-
-    def __init__(self, **properties):
-        self.__dict__.update(properties, blocked=False, connections=[])
-
-    def blockSignals(self, block):
-        previous, self.blocked = self.blocked, block
-        return previous
-
-    def connect(self, signal, slot):
-        self.connections.append((signal, slot))
-
-    def disconnect(self, signal, slot):
-        self.connections.remove((signal, slot))
-
-
-def _effect_with_options(gui_stubs, node):  # noqa: F811
+def _effect_on(node):
+    """The effect with its options frame, its scripted effect's parameter set node `node` (in any scene)."""
     from SegmentEditorMedSAM2Lib import SegmentEditorEffect
 
-    effect = SegmentEditorEffect(Stub())
-    effect.scriptedEffect = ScriptedEffectParameters(node)
-    effect.directionComboBox = Widget(currentText="both")
-    effect.rangeStartSpinBox, effect.rangeStopSpinBox = Widget(value=-1), Widget(value=-1)
-    effect.stopAfterEmptySpinBox = Widget(value=0)
-    effect.refreshPrompts = lambda: None
+    editor_logic = slicer.vtkSlicerSegmentEditorLogic()
+    editor_logic.SetMRMLScene(node.GetScene())
+    editor_logic.SetSegmentEditorNode(node)
+    effect = SegmentEditorEffect(standins.ScriptedEffect(editor_logic))
+    effect.setupOptionsFrame()
     return effect
 
 
 def test_options_live_in_the_parameter_node_and_survive_save_and_reload(gui_stubs, mrml):  # noqa: F811
     node = mrml.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    effect = _effect_with_options(gui_stubs, node)
+    effect = _effect_on(node)
     effect.setMRMLDefaults()
     assert {key: node.GetAttribute(f"MedSAM2.{key}") for key in effect_options.DEFAULTS} == {
         "Direction": "both", "RangeStart": "-1", "RangeStop": "-1", "StopAfterEmpty": "0"}
-    effect.connectOptionsToMRML()
-    assert all(w.connections == [(s, effect.updateMRMLFromGUI)] for w, s, _r, _w in effect._optionWidgets().values())
+    assert all(standins.connected(w, s) == [effect.updateMRMLFromGUI]
+               for w, s, _r, _w in effect._optionWidgets().values())
+    # The user changes the widgets: their signals write the parameter node.
     effect.directionComboBox.currentText, effect.rangeStopSpinBox.value, effect.stopAfterEmptySpinBox.value = (
         "forward", 30, 3)
-    effect.updateMRMLFromGUI()
+    assert {key: node.GetAttribute(f"MedSAM2.{key}") for key in effect_options.DEFAULTS} == {
+        "Direction": "forward", "RangeStart": "-1", "RangeStop": "30", "StopAfterEmpty": "3"}
     effect.setMRMLDefaults()  # defaults never overwrite what the user chose
     mrml.SetSaveToXMLString(1)
     mrml.Commit()
@@ -233,13 +191,16 @@ def test_options_live_in_the_parameter_node_and_survive_save_and_reload(gui_stub
     reloaded.SetSceneXMLString(xml)
     reloaded.Import()
     loaded_node = reloaded.GetFirstNodeByClass("vtkMRMLSegmentEditorNode")
-    fresh = _effect_with_options(gui_stubs, loaded_node)
+    fresh = _effect_on(loaded_node)
+    # Shown with signals blocked: the first widget set must not write the others' defaults over the stored values.
     fresh.updateGUIFromMRML()
     assert (fresh.directionComboBox.currentText, fresh.rangeStartSpinBox.value, fresh.rangeStopSpinBox.value,
             fresh.stopAfterEmptySpinBox.value) == ("forward", -1, 30, 3)
-    assert not any(w.blocked for w, _s, _r, _w in fresh._optionWidgets().values())  # signals unblocked again
-    effect.disconnectOptionsFromMRML()
-    assert all(w.connections == [] for w, _s, _r, _w in effect._optionWidgets().values())
+    assert loaded_node.GetAttribute("MedSAM2.RangeStop") == "30"
+    assert not any(standins.signals_blocked(w) for w, _s, _r, _w in fresh._optionWidgets().values())
+    for each in (effect, fresh):
+        each.cleanup()
+        assert all(standins.connected(w, s) == [] for w, s, _r, _w in each._optionWidgets().values())
 
 
 @pytest.mark.parametrize("name, raw, expected", [
@@ -258,105 +219,104 @@ def test_no_shortcut_takes_a_key_slicer_binds_and_the_help_lists_them_all():
         assert key in help_text, key
 
 
-def test_shortcut_keys_run_their_actions_and_other_keys_pass_through(gui_stubs, mrml):  # noqa: F811
-    from SegmentEditorMedSAM2Lib import SegmentEditorEffect
+def press_key(effect, view, key_sym):
+    """A KeyPressEvent on a real interactor (the Segment Editor observes it on every view's interactor)."""
+    rwi = vtk.vtkRenderWindowInteractor()
+    rwi.SetKeySym(key_sym)
+    return effect.processInteractionEvents(rwi, vtk.vtkCommand.KeyPressEvent, view)
 
-    effect = SegmentEditorEffect(Stub())
-    effect.setupOptionsFrame()
-    ran = []
-    for name in ("onPropagate", "_onCancel", "onRemoveLatestPrompt", "onJumpToNextLeastCertain"):
+
+def test_shortcut_keys_run_their_actions_and_other_keys_pass_through(editor, effect):  # noqa: F811
+    ran, actions = [], ("onPropagate", "_onCancel", "onRemoveLatestPrompt", "onJumpToNextLeastCertain")
+    for name in actions:
         setattr(effect, name, lambda name=name: ran.append(name))
-
-    class KeyInteractor(FakeInteractor):
-        def __init__(self, key):
-            super().__init__((0, 0))
-            self.key = key
-
-        def GetKeySym(self):
-            return self.key
-
-    press = vtk.vtkCommand.KeyPressEvent
-    view = FakeSliceWidget()
-    for key in ("p", "Return", "c", "x", "j"):
-        assert effect.processInteractionEvents(KeyInteractor(key), press, view) is True
-    assert ran == ["onPropagate", "onPropagate", "_onCancel", "onRemoveLatestPrompt", "onJumpToNextLeastCertain"]
+    try:
+        for key in ("p", "Return", "c", "x", "j"):
+            assert press_key(effect, editor.view, key) is True
+        assert press_key(effect, standins.ThreeDWidget(), "p") is True  # over the 3D view too
+    finally:
+        for name in actions:  # the fixture's cleanup disconnects the real slots
+            delattr(effect, name)
+    assert ran == ["onPropagate", "onPropagate", "_onCancel", "onRemoveLatestPrompt", "onJumpToNextLeastCertain",
+                   "onPropagate"]
     for key in ("z", "Escape", "space", "1", "r", "a"):  # the editor's and the views' own keys go on to them
-        assert effect.processInteractionEvents(KeyInteractor(key), press, view) is False
-    # n: the next click (and only that one) has the other sign; with Ctrl too, it is positive.
-    assert effect.processInteractionEvents(KeyInteractor("n"), press, view) is True
+        assert press_key(effect, editor.view, key) is False
+    # n: the next click (and only that one) has the other sign.
+    assert press_key(effect, editor.view, "n") is True
     assert effect.takeNextClickNegative() is True and effect.takeNextClickNegative() is False
 
 
-def test_next_least_certain_cycles_through_the_list(gui_stubs):  # noqa: F811
-    from SegmentEditorMedSAM2Lib import SegmentEditorEffect
+def click_at(effect, view, xy, control=False):
+    effect.processInteractionEvents(interactor(xy, control), vtk.vtkCommand.LeftButtonPressEvent, view)
+    effect.processInteractionEvents(interactor(xy, control), vtk.vtkCommand.LeftButtonReleaseEvent, view)
+    standins.run_timers()  # the first prompt sends the volume on a worker thread
 
-    class ListWidget:
-        def __init__(self, items):
-            self.items, self.currentRow = items, -1
 
-        @property
-        def count(self):
-            return len(self.items)
+def test_n_flips_one_click_and_x_and_the_button_remove_prompts_in_one_undo_step(editor, effect):  # noqa: F811
+    click_at(effect, editor.view, (16, 16))
+    press_key(effect, editor.view, "n")
+    assert effect.statusLabel.text == "Next click: negative point."
+    click_at(effect, editor.view, (16, 16))  # negative: cuts the disk's centre
+    press_key(effect, editor.view, "n")
+    click_at(effect, editor.view, (8, 8), control=True)  # n with Ctrl: positive
+    click_at(effect, editor.view, (24, 24))  # n applied to one click only: positive
+    assert [p.labels.tolist() for p in prompts(editor)] == [[1], [0], [1], [1]]
+    assert not editor.voxels("a")[5, 16, 16] and editor.voxels("a")[5, 8, 8] and editor.voxels("a")[5, 24, 24]
+    assert effect.promptList.count == 4 and effect.promptList.item(1).text() == "slice 5: 1 negative"
+    undo_states = effect.scriptedEffect._undo_states
+    assert press_key(effect, editor.view, "x") is True  # the latest prompt goes; the others are replayed
+    assert len(prompts(editor)) == 3 and not editor.voxels("a")[5, 24, 24] and editor.voxels("a")[5, 8, 8]
+    assert effect.scriptedEffect._undo_states == undo_states + 1
+    assert effect.statusLabel.text == "Removed the prompt on slice 5. 3 prompt(s) replayed, 0 slices propagated again."
+    effect.promptList.setCurrentRow(1)  # the negative point, selected in the list
+    fire(effect.removePromptButton, "clicked()")
+    assert [p.labels.tolist() for p in prompts(editor)] == [[1], [1]] and editor.voxels("a")[5, 16, 16]
+    assert effect.promptList.count == 2 and effect.scriptedEffect._undo_states == undo_states + 2
+    fire(effect.propagateButton, "clicked()")
+    standins.run_timers()
+    propagated = editor.voxels("a")
+    assert propagated[4, 16, 16] and propagated[4, 8, 8]
+    press_key(effect, editor.view, "x")  # after a propagation: it is run again, without the removed prompt
+    replayed = re.fullmatch(r"Removed the prompt on slice 5\. 1 prompt\(s\) replayed, (\d+) slices propagated "
+                            r"again\.", effect.statusLabel.text)
+    assert replayed and int(replayed.group(1)) > 1 and effect.scriptedEffect._undo_states == undo_states + 4
+    assert editor.voxels("a")[4, 16, 16] and not editor.voxels("a")[4:7, 8, 8].any()
 
-        def setCurrentRow(self, row):
-            self.currentRow = row
 
-        def item(self, row):
-            return self.items[row]
-
-    effect = SegmentEditorEffect(Stub())
-    effect.statusLabel = types.SimpleNamespace(text="")
-    effect.uncertainList = ListWidget([])
+def test_next_least_certain_cycles_through_the_list(effect):  # noqa: F811
     effect.onJumpToNextLeastCertain()
     assert effect.statusLabel.text == "No least certain slices yet: propagate first."
-    effect.uncertainList = ListWidget(["worst", "second"])
+    import qt
+
+    for text in ("worst", "second"):
+        effect.uncertainList.addItem(qt.QListWidgetItem(text))
     jumped = []
-    effect.onJumpToSlice = jumped.append
-    for _ in range(3):
-        effect.onJumpToNextLeastCertain()
-    assert jumped == ["worst", "second", "worst"]
-    assert "SegmentEditorEffects" in sys.modules  # the stand-ins were in place
+    effect.onJumpToSlice = lambda item: jumped.append(item.text())
+    try:
+        for _ in range(3):
+            effect.onJumpToNextLeastCertain()
+    finally:
+        del effect.onJumpToSlice  # the fixture's cleanup disconnects the real slot
+    assert jumped == ["worst", "second", "worst"] and effect.uncertainList.currentRow == 0
 
 
-def test_dragging_shows_a_rubber_band_that_the_release_turns_into_the_box_prompt(gui_stubs, mrml):  # noqa: F811
-    from SegmentEditorMedSAM2Lib import SegmentEditorEffect
-
-    volume = scenarios.add_volume(shape_kji=(12, 80, 80), ijk_to_ras=AXIAL_IJK_TO_RAS)
-
-    class Parameters:  # the vtkMRMLSegmentEditorNode getters the effect calls
-        def GetSourceVolumeNode(self):
-            return volume
-
-        def GetSegmentationNode(self):
-            return None
-
-        def GetSelectedSegmentID(self):
-            return ""
-
-    class ScriptedEffect(Stub):
-        NotConfirmed, ConfirmedWithoutDialog, ConfirmedWithDialog = 0, 1, 2
-
-        def confirmCurrentSegmentVisible(self):
-            return self.ConfirmedWithoutDialog
-
-        def parameterSetNode(self):
-            return Parameters()
-
-    effect = SegmentEditorEffect(ScriptedEffect())
-    effect.setupOptionsFrame()
-    sent = []
-    effect._run = lambda action: sent.append(action)
-    view = FakeSliceWidget()
-    move = vtk.vtkCommand.MouseMoveEvent
-    assert effect.processInteractionEvents(FakeInteractor((12, 22)), move, view) is False  # no button: nothing
+def test_dragging_shows_a_rubber_band_that_the_release_turns_into_the_box_prompt(editor, effect, mrml):  # noqa: F811
+    view, move = editor.view, vtk.vtkCommand.MouseMoveEvent  # the red view: (x, y) px is (x, y, 5) mm in RAS
+    assert effect.processInteractionEvents(interactor((12, 22)), move, view) is False  # no button: nothing
     assert prompt_list.marker_nodes(mrml) == []
-    effect.processInteractionEvents(FakeInteractor((10, 20)), vtk.vtkCommand.LeftButtonPressEvent, view)
-    assert effect.processInteractionEvents(FakeInteractor((12, 22)), move, view) is False  # within the click radius
+    effect.processInteractionEvents(interactor((10, 20)), vtk.vtkCommand.LeftButtonPressEvent, view)
+    assert effect.processInteractionEvents(interactor((12, 22)), move, view) is False  # within the click radius
     assert prompt_list.marker_nodes(mrml) == []
-    assert effect.processInteractionEvents(FakeInteractor((40, 60)), move, view) is False  # the view keeps the move
+    assert effect.processInteractionEvents(interactor((25, 30)), move, view) is False  # the view keeps the move
     (band,) = prompt_list.marker_nodes(mrml, "rubber band")
     bounds = [0.0] * 6
     band.GetRASBounds(bounds)
-    np.testing.assert_allclose(bounds[:4], [10, 40, 20, 60])  # the stand-in xyToRas maps (x, y) to (x, y, 7)
-    effect.processInteractionEvents(FakeInteractor((40, 60)), vtk.vtkCommand.LeftButtonReleaseEvent, view)
-    assert prompt_list.marker_nodes(mrml, "rubber band") == [] and len(sent) == 1
+    np.testing.assert_allclose(bounds[:4], [10, 25, 20, 30])
+    assert effect.processInteractionEvents(interactor((25, 30)), vtk.vtkCommand.LeftButtonReleaseEvent, view) is True
+    standins.run_timers()
+    assert prompt_list.marker_nodes(mrml, "rubber band") == []
+    (box,) = prompts(editor)
+    assert box.box_corners_ras is not None and box.points_ras is None
+    assert editor.voxels("a")[5, 20:31, 10:26].all()
+    assert effect.promptList.count == 1 and effect.promptList.item(0).text() == "slice 5: box"
+    assert [n.GetName() for n in prompt_list.marker_nodes(mrml)] == ["MedSAM2 box"]
