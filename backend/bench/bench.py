@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from medsam2_backend.engine import Preprocessing  # noqa: E402
-from medsam2_backend.engine.model import MEDSAM2_OVERRIDES, SAM2_CONFIG, load_model  # noqa: E402
+from medsam2_backend.engine.model import SAM2_CONFIG, SAM2_OVERRIDES, load_model  # noqa: E402
 from medsam2_backend.engine.preprocess import to_uint8  # noqa: E402
 from medsam2_backend.engine.sam2_engine import Sam2Engine  # noqa: E402
 
@@ -74,7 +74,7 @@ class Reference:
 
         self.model = model
         self.predictor = build_sam2_video_predictor(SAM2_CONFIG, None, device=str(model.device),
-                                                    hydra_overrides_extra=list(MEDSAM2_OVERRIDES))
+                                                    hydra_overrides_extra=list(SAM2_OVERRIDES))
         self.predictor.load_state_dict(model.predictor.state_dict())
         self.predictor.fill_hole_area = model.predictor.fill_hole_area
 

@@ -1,6 +1,7 @@
 """The engine's mask logits equal those of SAM-2's official SAM2VideoPredictor driven through its public API.
 
-Same seeded random weights, same preprocessed frames, same prompts; fp32 on CPU. The reference gets its frames
+Same seeded random weights, same configuration (`SAM2_OVERRIDES`: corrections are conditioning frames), same
+preprocessed frames, same prompts; fp32 on CPU. The reference gets its frames
 through `init_state` on a folder of JPEG files (its only input path), after which its `images` are replaced by the
 exact frames the engine feeds, so the comparison isolates propagation, memory and caching.
 """
@@ -11,9 +12,9 @@ import torch
 from PIL import Image
 from sam2.build_sam import build_sam2_video_predictor
 
-from conftest import blob_volume
+from synthetic_volumes import blob_volume
 from medsam2_backend.engine import Preprocessing
-from medsam2_backend.engine.model import MEDSAM2_OVERRIDES, SAM2_CONFIG
+from medsam2_backend.engine.model import SAM2_CONFIG, SAM2_OVERRIDES
 from medsam2_backend.engine.sam2_engine import Sam2Engine
 
 TOL = 1e-3
@@ -27,8 +28,10 @@ def volume():
 
 @pytest.fixture(scope="module")
 def reference(sam2_model):
-    ref = build_sam2_video_predictor(SAM2_CONFIG, None, device="cpu", hydra_overrides_extra=list(MEDSAM2_OVERRIDES))
+    ref = build_sam2_video_predictor(SAM2_CONFIG, None, device="cpu", hydra_overrides_extra=list(SAM2_OVERRIDES))
     assert type(ref).__name__ == "SAM2VideoPredictor"
+    # configured as the engine is, or a correction test would compare two different algorithms
+    assert ref.add_all_frames_to_correct_as_cond and sam2_model.predictor.add_all_frames_to_correct_as_cond
     ref.load_state_dict(sam2_model.predictor.state_dict())
     ref.fill_hole_area = 0  # needs SAM-2's CUDA extension, absent here (the engine does the same)
     return ref

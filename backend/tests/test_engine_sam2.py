@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blob_volume
+from synthetic_volumes import blob_volume
 from medsam2_backend.engine import Preprocessing
 from medsam2_backend.engine.model import load_model
 from medsam2_backend.engine.sam2_engine import FeatureCache, Sam2Engine

@@ -168,7 +168,10 @@ class PropagationRun:
             after = keep_largest_component(after)
         if "fill_holes" in self._postprocess:
             after = fill_holes_3d(after)
-        changed = np.flatnonzero((before != after).reshape(len(before), -1).any(axis=1))
+        changed = (before != after).reshape(len(before), -1).any(axis=1)
+        # A prompted or corrected slice shows what the user asked for: clean-up must not undo a correction.
+        changed[list(s._objects[obj_id].prompts)] = False
+        changed = np.flatnonzero(changed)
         for k in changed:
             s._masks[obj_id][k] = after[k]
             yield SliceResult(obj_id, int(k), after[k].copy(), float("nan"), float("nan"), stage="postprocess")
