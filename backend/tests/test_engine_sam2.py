@@ -142,3 +142,19 @@ def test_several_objects_propagate_together_encoding_each_slice_once(sam2_model,
     assert run.planned == len(results) == 3 * volume.shape[0] == len(expected)
     for r in results:
         np.testing.assert_allclose(r.logits, expected[(r.obj_id, r.slice_index)], atol=1e-4)
+
+
+def test_reused_position_embedding_changes_no_bit_and_follows_new_weights():
+    model = load_model(random_weights=True, seed=0)
+    trunk = model.predictor.image_encoder.trunk
+    image = torch.randn(1, 3, 512, 512)
+    with torch.inference_mode():
+        first = model.predictor.forward_image(image)["vision_features"]
+        again = model.predictor.forward_image(image)["vision_features"]
+        fresh = trunk.__class__._get_pos_embed(trunk, (128, 128))
+        assert torch.equal(trunk._get_pos_embed((128, 128)), fresh)
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        trunk.pos_embed.add_(1.0)  # what loading a checkpoint does to the parameter
+    with torch.inference_mode():
+        assert torch.equal(trunk._get_pos_embed((128, 128)), trunk.__class__._get_pos_embed(trunk, (128, 128)))

@@ -109,6 +109,10 @@ def _size(tensors: list[torch.Tensor]) -> int:
 class CachingVideoPredictor(SAM2VideoPredictor):
     """SAM-2's video predictor with a bounded multi-slice feature cache and the predicted IoU kept per output."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        reuse_position_embedding(self.image_encoder.trunk)
+
     def _get_image_feature(self, inference_state, frame_idx, batch_size):
         cache: FeatureCache = inference_state["feature_cache"]
         backbone_out = cache.get(frame_idx)
@@ -149,6 +153,27 @@ class CachingVideoPredictor(SAM2VideoPredictor):
             "obj_idx_to_id": collections.OrderedDict(), "obj_ids": [], "output_dict_per_obj": {},
             "temp_output_dict_per_obj": {}, "frames_tracked_per_obj": {}, "feature_cache": cache,
         }
+
+
+def reuse_position_embedding(trunk: torch.nn.Module) -> None:
+    """Hiera interpolates its position embedding (bicubic, to the feature size) on every frame, ~2 % of the image
+    encoder; the result depends only on the weights and the size, so inference computes it once and reuses it
+    (the same tensor bit for bit). Weights loaded later bump the parameters' versions and so recompute it."""
+    compute = trunk._get_pos_embed
+    cache: dict = {}
+
+    def cached(hw):
+        if not torch.is_inference_mode_enabled():
+            return compute(hw)
+        device = trunk.pos_embed.device.type
+        key = (tuple(hw), trunk.pos_embed._version, trunk.pos_embed_window._version,
+               torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        if key not in cache:
+            cache.clear()
+            cache[key] = compute(hw)
+        return cache[key]
+
+    trunk._get_pos_embed = cached
 
 
 def frame_output(state: dict, frame_idx: int) -> dict | None:
