@@ -13,7 +13,13 @@ Propagation semantics (deliberate, documented in the README):
 - A prompt on a side marks that side dirty from that slice. Re-propagation runs only the dirty part of each side:
   a correction on slice c > anchor re-tracks c..end, exactly as SAM-2's own correction workflow does (click on a
   tracked frame, propagate from it). Slices between the anchor and the correction keep their masks.
+- Every prompted slice (anchor and corrections, points, box or mask) is a *conditioning* slice of its side's state:
+  re-propagation reports the mask its prompt call returned, never recomputes it, and every later slice of that side
+  attends to all conditioning slices (SAM-2 with `add_all_frames_to_correct_as_cond`; see the README for the cost).
 - A propagate call runs only the dirty sides; with nothing dirty it re-runs the requested sides from the anchor.
+- Several objects propagate together: all forward passes advance slice by slice, then all backward ones, so a
+  slice's features are computed once for all objects (see `PropagationRun`). Post-processing never changes a
+  prompted slice.
 """
 
 from __future__ import annotations
