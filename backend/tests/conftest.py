@@ -13,3 +13,10 @@ def sam2_model():
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return load_model(random_weights=True, seed=0)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that runs SAM-2 (through the shared model or a module marked `sam2`) carries the marker."""
+    for item in items:
+        if "sam2_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.sam2)

@@ -12,6 +12,8 @@ from medsam2_backend.engine import Preprocessing
 from medsam2_backend.engine.sam2_engine import Sam2Engine
 from synthetic_volumes import blob_volume
 
+pytestmark = pytest.mark.sam2
+
 PRE = Preprocessing(preset="soft_tissue")
 BOX = np.array([16, 10, 48, 34], np.float32)
 FIX_POINTS = np.array([[40, 30], [24, 16]], np.float32)  # a positive and a negative click

@@ -17,6 +17,8 @@ from medsam2_backend.engine import Preprocessing
 from medsam2_backend.engine.model import SAM2_CONFIG, SAM2_OVERRIDES
 from medsam2_backend.engine.sam2_engine import Sam2Engine
 
+pytestmark = pytest.mark.sam2
+
 TOL = 1e-3
 PRE = Preprocessing(preset="soft_tissue")
 

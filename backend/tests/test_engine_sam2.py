@@ -9,6 +9,8 @@ from medsam2_backend.engine import Preprocessing
 from medsam2_backend.engine.model import load_model
 from medsam2_backend.engine.sam2_engine import FeatureCache, Sam2Engine
 
+pytestmark = pytest.mark.sam2
+
 PRE = Preprocessing(preset="soft_tissue")
 
 
