@@ -301,6 +301,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="512x512x300 volumes (no time limit)")
     parser.add_argument("--memory-only", type=int, metavar="N", help=argparse.SUPPRESS)
+    parser.add_argument("--slices", type=int, help="slices of the pipeline cases' volume (default 48, FULL 300)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -311,14 +312,14 @@ def main():
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    n = 300 if args.full else 48
+    n = args.slices or (300 if args.full else 48)
     if "pipeline" in cases:
         timing_cases(n, "fp32", repeats=3)
     if "segments" in cases:
-        several_segments(12, repeats=3, budget_slices=None)
-        several_segments(12, repeats=3, budget_slices=4)
+        several_segments(10, repeats=3, budget_slices=None)
+        several_segments(10, repeats=3, budget_slices=4)
     if "corrections" in cases:
-        corrections_on_one_side(20, repeats=3)
+        corrections_on_one_side(18, repeats=3)
     if "memory" in cases:
         for m in ([96, 300] if args.full else [96]):
             subprocess.run([sys.executable, __file__, "--memory-only", str(m)], check=True)
