@@ -21,7 +21,7 @@ $(STAMP): requirements-dev.txt backend/pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q backend/tests Testing
+	$(PY) -m pytest --durations=15
 
 # The Slicer-side path headless (slicer-core): local server, RAS box, propagation, .seg.nrrd + PNG montage.
 demo: setup

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from medsam2_backend.engine import Preprocessing  # noqa: E402
-from medsam2_backend.engine.model import MEDSAM2_OVERRIDES, SAM2_CONFIG, load_model  # noqa: E402
+from medsam2_backend.engine.model import SAM2_CONFIG, SAM2_OVERRIDES, load_model  # noqa: E402
 from medsam2_backend.engine.preprocess import to_uint8  # noqa: E402
 from medsam2_backend.engine.sam2_engine import Sam2Engine  # noqa: E402
 
@@ -74,7 +74,7 @@ class Reference:
 
         self.model = model
         self.predictor = build_sam2_video_predictor(SAM2_CONFIG, None, device=str(model.device),
-                                                    hydra_overrides_extra=list(MEDSAM2_OVERRIDES))
+                                                    hydra_overrides_extra=list(SAM2_OVERRIDES))
         self.predictor.load_state_dict(model.predictor.state_dict())
         self.predictor.fill_hole_area = model.predictor.fill_hole_area
 
@@ -165,10 +165,10 @@ def timing_cases(n_slices: int, precision: str, repeats: int, kernels: str | Non
         ref_state, n_ref = ref.first_propagation(volume, k, box)
         ref_t.append(time.perf_counter() - t0)
     assert n_ours == n_slices and n_ref == n_slices + 1  # the reference reports the prompted slice twice
-    o, r = min(ours_t), min(ref_t)
+    o, r = float(np.median(ours_t)), float(np.median(ref_t))
     emit(case="first_propagation" + tag, ours_s=round(o, 3), ref_s=round(r, 3), ratio=round(r / o, 3),
          peak_rss_mb=round(rss_mb()), slices=n_slices, shape=list(volume.shape), precision=precision,
-         kernels=model.kernels, per_slice_ours_s=round(o / n_slices, 3))
+         kernels=model.kernels, per_slice_ours_s=round(o / n_slices, 3), repeats=repeats, statistic="median")
 
     c, point = k + n_slices // 4, [float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2]
     t0 = time.perf_counter()
@@ -194,6 +194,85 @@ def timing_cases(n_slices: int, precision: str, repeats: int, kernels: str | Non
          precision=precision, note="overhead = our per-slice propagation time / the model's own forward "
                                    "(preprocessing + encoder + memory attention + decoder + memory encoder), "
                                    "median over the same slices with a full memory bank; target <= 1.15")
+
+
+def warm_up(model, volume) -> None:
+    """One untimed prompt and two tracked slices: oneDNN builds its kernels on first use."""
+    s = Sam2Engine(model).open_session(volume[:3], axis=0, preprocessing=PRE)
+    s.add_prompt(1, 0, box=box_for(volume.shape[1:]))
+    list(s.propagate(direction="forward"))
+
+
+def several_segments(n_slices: int, repeats: int, budget_slices: int | None):
+    """3 segments in one propagation (`propagate([1, 2, 3])`) against 3 propagations one after another, each on a
+    fresh session with the same prompts (anchors on three different slices), same weights, same volume."""
+    model = load_model(random_weights=True, seed=0)
+    volume = ct_volume(n_slices, side=256)
+    box = box_for(volume.shape[1:])
+    anchors = {1: n_slices // 2 - 2, 2: n_slices // 2, 3: n_slices // 2 + 2}
+    warm_up(model, volume)
+    per_slice = 4 << 20  # fp32 features of one 512 px slice (32x128², 64x64², 256x32² floats)
+    budget = 4 << 30 if budget_slices is None else budget_slices * per_slice
+
+    def prompted():
+        s = Sam2Engine(model, cache_budget_bytes=budget).open_session(volume, axis=0, preprocessing=PRE)
+        for obj_id, k in anchors.items():
+            s.add_prompt(obj_id, k, box=box + 4 * (obj_id - 2))
+        return s
+
+    together_t, one_by_one_t = [], []
+    for _ in range(repeats):
+        s = prompted()
+        t0 = time.perf_counter()
+        n = sum(1 for _ in s.propagate([1, 2, 3]))
+        together_t.append(time.perf_counter() - t0)
+        s = prompted()
+        t0 = time.perf_counter()
+        n_seq = sum(1 for obj_id in anchors for _ in s.propagate([obj_id]))
+        one_by_one_t.append(time.perf_counter() - t0)
+    assert n == n_seq == 3 * n_slices
+    o, r = float(np.median(together_t)), float(np.median(one_by_one_t))
+    emit(case="three_segments_" + ("cache_holds_volume" if budget_slices is None else f"cache_{budget_slices}_slices"),
+         ours_s=round(o, 3), ref_s=round(r, 3), ratio=round(r / o, 3), peak_rss_mb=round(rss_mb()),
+         slices=n_slices, shape=list(volume.shape), repeats=repeats, statistic="median",
+         note="ours = one propagate([1, 2, 3]); ref = propagate([1]), ([2]), ([3]) one after another")
+
+
+def corrections_on_one_side(n_slices: int, repeats: int, counts=(1, 4, 8)):
+    """What conditioning frames cost: seconds per slice re-tracked beyond 1, 4 or 8 corrections on the forward
+    side (every correction is a conditioning frame each later slice attends to)."""
+    model = load_model(random_weights=True, seed=0)
+    volume = ct_volume(n_slices, side=256)
+    box, anchor = box_for(volume.shape[1:]), 1
+    first_fix, last_fix = anchor + 1, anchor + max(counts)
+    point = [[float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2]]
+    warm_up(model, volume)
+    sessions = {}
+    for n in counts:
+        s = Sam2Engine(model, cache_budget_bytes=4 << 30).open_session(volume, axis=0, preprocessing=PRE)
+        s.add_prompt(1, anchor, box=box)
+        list(s.propagate(direction="forward"))
+        for c in range(last_fix - n + 1, last_fix + 1):  # the corrections end on the same slice for every n
+            s.add_prompt(1, c, points=point, labels=[1])
+        list(s.propagate(direction="forward"))
+        sessions[n] = s
+    per_slice = {n: [] for n in counts}
+    for _ in range(repeats):  # alternate the counts, so drift hits all alike
+        for n, s in sessions.items():
+            times, last = [], None
+            for r in s.propagate(direction="forward", start=first_fix):
+                now = time.perf_counter()
+                if r.slice_index > last_fix + 1:
+                    times.append(now - last)
+                last = now
+            per_slice[n].append(float(np.median(times)))
+    base = float(np.median(per_slice[counts[0]]))
+    for n in counts:
+        t = float(np.median(per_slice[n]))
+        emit(case=f"corrections_{n}_one_side", ours_s=round(t, 4), ref_s=round(base, 4), ratio=round(base / t, 3),
+             peak_rss_mb=round(rss_mb()), conditioning_frames=n + 1, slices_timed=n_slices - last_fix - 2,
+             repeats=repeats, statistic="median",
+             note=f"seconds per re-tracked slice beyond the corrections; ref = the same with {counts[0]} correction")
 
 
 def memory_case(n_slices: int) -> dict:
@@ -222,17 +301,35 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="512x512x300 volumes (no time limit)")
     parser.add_argument("--memory-only", type=int, metavar="N", help=argparse.SUPPRESS)
+    parser.add_argument("--slices", type=int, help="slices of the pipeline cases' volume (default 48, FULL 300)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.memory_only:
         emit(**memory_case(args.memory_only))
         return
-    n = 300 if args.full else 48
-    timing_cases(n, "fp32", repeats=1 if args.full else 2)
-    for m in ([96, 300] if args.full else [96]):
-        subprocess.run([sys.executable, __file__, "--memory-only", str(m)], check=True)
-    timing_cases(n, "fp32", repeats=1, kernels="torch", only_ratios=True)
-    timing_cases(n, "bf16", repeats=1)
+    cases = args.cases.split(",")
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    n = args.slices or (300 if args.full else 48)
+    if "pipeline" in cases:
+        timing_cases(n, "fp32", repeats=3)
+    if "segments" in cases:
+        several_segments(10, repeats=3, budget_slices=None)
+        several_segments(10, repeats=3, budget_slices=4)
+    if "corrections" in cases:
+        corrections_on_one_side(18, repeats=3)
+    if "memory" in cases:
+        for m in ([96, 300] if args.full else [96]):
+            subprocess.run([sys.executable, __file__, "--memory-only", str(m)], check=True)
+    if "kernels" in cases:
+        timing_cases(n, "fp32", repeats=3, kernels="torch", only_ratios=True)
+    if "bf16" in cases:
+        timing_cases(n, "bf16", repeats=3)
+
+
+CASES = ("pipeline", "segments", "corrections", "memory", "kernels", "bf16")
 
 
 if __name__ == "__main__":

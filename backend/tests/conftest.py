@@ -2,18 +2,7 @@ import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # SAM-2 draws a progress bar per propagation
 
-import numpy as np
 import pytest
-
-
-def blob_volume(shape=(6, 48, 64), seed=0, dtype=np.int16):
-    """A CT-like volume (HU) with a bright ellipsoid drifting across slices, so masks and logits vary."""
-    rng = np.random.default_rng(seed)
-    k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
-    cy, cx = shape[1] / 2 + (k - shape[0] / 2), shape[2] / 2
-    inside = ((j - cy) / (shape[1] / 4)) ** 2 + ((i - cx) / (shape[2] / 5)) ** 2 <= 1.0
-    vol = np.where(inside, 120.0, -80.0) + rng.normal(0, 15, shape)
-    return vol.astype(dtype)
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +13,10 @@ def sam2_model():
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return load_model(random_weights=True, seed=0)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that runs SAM-2 (through the shared model or a module marked `sam2`) carries the marker."""
+    for item in items:
+        if "sam2_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.sam2)

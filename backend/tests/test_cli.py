@@ -7,7 +7,7 @@ import nrrd
 import numpy as np
 import slicerio
 
-from conftest import blob_volume
+from synthetic_volumes import blob_volume
 from medsam2_backend.cli import main
 
 

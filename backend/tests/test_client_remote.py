@@ -160,20 +160,26 @@ def test_cancel_and_disconnect_stop_the_engine_within_a_slice():
                 run.cancel()
         assert run.summary.cancelled is True and run.summary.slices_done < 20
         assert len(seen) == 3
-        # The session is free again at once: a prompt does not wait for the rest of the run.
-        t0 = time.monotonic()
+        # The session is free again at once: a prompt does not wait for the rest of the run (counted in slices
+        # the engine tracked meanwhile, not in wall-clock time: at most the one that was in flight).
+        tracked = engine.tracked
         s.add_prompt(1, 0, box=(5, 5, 20, 20))
-        assert time.monotonic() - t0 < 1.0
+        assert engine.tracked - tracked <= 1
 
         engine.tracked = 0
         run = s.propagate()
         next(iter(run))
         run.close()  # the client goes away without a word
-        time.sleep(0.6)
+        deadline = time.monotonic() + 10
+        while True:  # the event: the server stops the run and frees the session
+            try:
+                s.add_prompt(1, 10, box=(5, 5, 20, 20))  # and the session is usable
+                break
+            except errors.Busy:
+                assert time.monotonic() < deadline, "the server never stopped the abandoned propagation"
         stopped_at = engine.tracked
-        time.sleep(0.5)
+        s.add_prompt(1, 11, box=(5, 5, 20, 20))
         assert engine.tracked == stopped_at and stopped_at < 30
-        s.add_prompt(1, 10, box=(5, 5, 20, 20))  # and the session is usable
 
 
 def test_a_busy_session_answers_busy_instead_of_hanging():
@@ -199,19 +205,17 @@ def test_a_waiting_propagation_never_blocks_the_server():
         results = {}
         threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, list(sessions[k].propagate())))
                    for k in range(2)]
-        threads[0].start()
-        time.sleep(0.3)
-        threads[1].start()
-        worst = 0.0
+        for t in threads:
+            t.start()
+        answered = 0
         while any(t.is_alive() for t in threads):
-            t0 = time.perf_counter()
-            c.health()
-            worst = max(worst, time.perf_counter() - t0)
+            with engine.lock:  # no slice can progress now, and both propagations wait for it: health answers
+                MedSAM2Client(url, timeout=5).health()
+                answered += 1
             time.sleep(0.05)
         for t in threads:
             t.join()
-        assert [len(results[k]) for k in range(2)] == [6, 6]
-        assert worst < 0.3, f"health took {worst:.2f} s while propagations waited for the engine"
+        assert [len(results[k]) for k in range(2)] == [6, 6] and answered > 0
 
 
 def test_an_empty_volume_is_a_sentence_not_a_type_error(client):

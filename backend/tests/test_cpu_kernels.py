@@ -8,6 +8,8 @@ from medsam2_backend.engine import EngineInputError
 from medsam2_backend.engine.cpu_kernels import OneDnnLinear, pack_linear_layers
 from medsam2_backend.engine.model import load_model
 
+pytestmark = pytest.mark.sam2
+
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(5, 16), (7, 2, 16), (2, 4, 6, 16)])

@@ -1,6 +1,7 @@
 """The engine's mask logits equal those of SAM-2's official SAM2VideoPredictor driven through its public API.
 
-Same seeded random weights, same preprocessed frames, same prompts; fp32 on CPU. The reference gets its frames
+Same seeded random weights, same configuration (`SAM2_OVERRIDES`: corrections are conditioning frames), same
+preprocessed frames, same prompts; fp32 on CPU. The reference gets its frames
 through `init_state` on a folder of JPEG files (its only input path), after which its `images` are replaced by the
 exact frames the engine feeds, so the comparison isolates propagation, memory and caching.
 """
@@ -11,10 +12,12 @@ import torch
 from PIL import Image
 from sam2.build_sam import build_sam2_video_predictor
 
-from conftest import blob_volume
+from synthetic_volumes import blob_volume
 from medsam2_backend.engine import Preprocessing
-from medsam2_backend.engine.model import MEDSAM2_OVERRIDES, SAM2_CONFIG
+from medsam2_backend.engine.model import SAM2_CONFIG, SAM2_OVERRIDES
 from medsam2_backend.engine.sam2_engine import Sam2Engine
+
+pytestmark = pytest.mark.sam2
 
 TOL = 1e-3
 PRE = Preprocessing(preset="soft_tissue")
@@ -27,8 +30,10 @@ def volume():
 
 @pytest.fixture(scope="module")
 def reference(sam2_model):
-    ref = build_sam2_video_predictor(SAM2_CONFIG, None, device="cpu", hydra_overrides_extra=list(MEDSAM2_OVERRIDES))
+    ref = build_sam2_video_predictor(SAM2_CONFIG, None, device="cpu", hydra_overrides_extra=list(SAM2_OVERRIDES))
     assert type(ref).__name__ == "SAM2VideoPredictor"
+    # configured as the engine is, or a correction test would compare two different algorithms
+    assert ref.add_all_frames_to_correct_as_cond and sam2_model.predictor.add_all_frames_to_correct_as_cond
     ref.load_state_dict(sam2_model.predictor.state_dict())
     ref.fill_hole_area = 0  # needs SAM-2's CUDA extension, absent here (the engine does the same)
     return ref
@@ -134,3 +139,27 @@ def test_two_objects_match_reference(engine, reference, volume, tmp_path):
     for obj_id, obj_index in ((1, 0), (2, 1)):
         ours = {r.slice_index: r.logits for r in results if r.obj_id == obj_id}
         assert_same(ours, ref_logits(items, obj_index))
+
+
+def test_backward_corrections_match_reference(engine, reference, volume, tmp_path):
+    """Two corrections on the backward side, the nearer one second, then one re-propagation."""
+    s = engine.open_session(volume, axis=0, preprocessing=PRE)
+    s.add_prompt(1, 4, box=BOX)
+    list(s.propagate(direction="backward"))
+    pts, labels = np.array([[30, 20], [50, 40]], np.float32), np.array([1, 0], np.int32)
+    fixes = [s.add_prompt(1, 1, points=pts, labels=labels), s.add_prompt(1, 3, points=pts[:1], labels=labels[:1])]
+    run = s.propagate(direction="backward")
+    assert [(p.first, p.last) for p in run.passes] == [(3, 0)]
+    ours = run_logits(run)
+
+    st = ref_state(reference, s, tmp_path)
+    reference.add_new_points_or_box(st, 4, 1, box=BOX)
+    list(reference.propagate_in_video(st, reverse=True))
+    ref_fixes = [reference.add_new_points_or_box(st, 1, 1, points=pts, labels=labels, clear_old_points=False),
+                 reference.add_new_points_or_box(st, 3, 1, points=pts[:1], labels=labels[:1], clear_old_points=False)]
+    for fix, (_, _, ref_fix) in zip(fixes, ref_fixes):
+        assert np.abs(fix.logits - ref_fix[0, 0].numpy()).max() <= TOL
+    theirs = ref_logits(reference.propagate_in_video(st, start_frame_idx=3, reverse=True))
+    assert_same(ours, theirs)
+    for fix in fixes:  # and the user's check, which the reference alone cannot make
+        np.testing.assert_allclose(ours[fix.slice_index], fix.logits, atol=1e-6)

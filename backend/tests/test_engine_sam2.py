@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blob_volume
+from synthetic_volumes import blob_volume
 from medsam2_backend.engine import Preprocessing
 from medsam2_backend.engine.model import load_model
 from medsam2_backend.engine.sam2_engine import FeatureCache, Sam2Engine
+
+pytestmark = pytest.mark.sam2
 
 PRE = Preprocessing(preset="soft_tissue")
 
@@ -100,3 +102,61 @@ def test_prompt_on_the_first_slice_propagates_and_reports_it_once(sam2_model, vo
     backward_only = list(s.propagate(direction="backward"))
     assert [r.slice_index for r in backward_only] == [0]
     np.testing.assert_array_equal(backward_only[0].mask, first.mask)
+
+
+def count_encoder_calls(monkeypatch, model) -> list:
+    calls = []
+    encode = model.predictor.forward_image
+
+    def counted(image):
+        calls.append(1)
+        return encode(image)
+
+    monkeypatch.setattr(model.predictor, "forward_image", counted)
+    return calls
+
+
+MULTI_PROMPTS = {1: dict(box=[10, 8, 40, 30]), 2: dict(points=[[30, 20]], labels=[1]), 3: dict(box=[4, 4, 30, 24])}
+
+
+@pytest.mark.parametrize("anchors, budget_slices", [({1: 2, 2: 2, 3: 2}, 0), ({1: 1, 2: 1, 3: 3}, 3)])
+def test_several_objects_propagate_together_encoding_each_slice_once(sam2_model, monkeypatch, anchors,
+                                                                     budget_slices):
+    """One propagation of three objects encodes each slice once however small the feature cache (objects on
+    different slices: as long as it holds the slices from the lowest anchor to the highest) and gives each object what a propagation of
+    that object alone gives."""
+    volume = blob_volume((6, 40, 56))
+    alone = Sam2Engine(sam2_model).open_session(volume, preprocessing=PRE)
+    expected = {}
+    for obj_id, prompt in MULTI_PROMPTS.items():
+        alone.add_prompt(obj_id, anchors[obj_id], **prompt)
+        expected.update({(r.obj_id, r.slice_index): r.logits for r in alone.propagate([obj_id])})
+    per_slice = alone.cache.nbytes // len(alone.cache)
+
+    calls = count_encoder_calls(monkeypatch, sam2_model)
+    together = Sam2Engine(sam2_model, cache_budget_bytes=budget_slices * per_slice).open_session(
+        volume, preprocessing=PRE)
+    for obj_id, prompt in MULTI_PROMPTS.items():
+        together.add_prompt(obj_id, anchors[obj_id], **prompt)
+    run = together.propagate([1, 2, 3])
+    results = list(run)
+    assert len(calls) <= volume.shape[0], f"{len(calls)} encoder calls for {volume.shape[0]} slices"
+    assert run.planned == len(results) == 3 * volume.shape[0] == len(expected)
+    for r in results:
+        np.testing.assert_allclose(r.logits, expected[(r.obj_id, r.slice_index)], atol=1e-4)
+
+
+def test_reused_position_embedding_changes_no_bit_and_follows_new_weights():
+    model = load_model(random_weights=True, seed=0)
+    trunk = model.predictor.image_encoder.trunk
+    image = torch.randn(1, 3, 512, 512)
+    with torch.inference_mode():
+        first = model.predictor.forward_image(image)["vision_features"]
+        again = model.predictor.forward_image(image)["vision_features"]
+        fresh = trunk.__class__._get_pos_embed(trunk, (128, 128))
+        assert torch.equal(trunk._get_pos_embed((128, 128)), fresh)
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        trunk.pos_embed.add_(1.0)  # what loading a checkpoint does to the parameter
+    with torch.inference_mode():
+        assert torch.equal(trunk._get_pos_embed((128, 128)), trunk.__class__._get_pos_embed(trunk, (128, 128)))

@@ -118,9 +118,10 @@ def test_postprocess_keeps_largest_component_and_fills_holes():
     s.add_prompt(1, 10, mask=mask)
     results = list(s.propagate(start=8, stop=12, postprocess=("largest_component", "fill_holes")))
     post = [x for x in results if x.stage == "postprocess"]
-    assert s.propagate(start=8, stop=12).planned == 5 and results and len(results) == 10
-    assert sorted(x.slice_index for x in post) == [8, 9, 10, 11, 12]
-    final = s.object_mask(1)[10]
+    assert s.propagate(start=8, stop=12).planned == 5 and results and len(results) == 9
+    assert sorted(x.slice_index for x in post) == [8, 9, 11, 12], "the prompted slice is the user's: kept"
+    np.testing.assert_array_equal(s.object_mask(1)[10], mask)
+    final = s.object_mask(1)[11]
     assert final[12, 12] and not final[31, 41] and final.sum() == 400
 
 

@@ -13,7 +13,13 @@ Propagation semantics (deliberate, documented in the README):
 - A prompt on a side marks that side dirty from that slice. Re-propagation runs only the dirty part of each side:
   a correction on slice c > anchor re-tracks c..end, exactly as SAM-2's own correction workflow does (click on a
   tracked frame, propagate from it). Slices between the anchor and the correction keep their masks.
+- Every prompted slice (anchor and corrections, points, box or mask) is a *conditioning* slice of its side's state:
+  re-propagation reports the mask its prompt call returned, never recomputes it, and every later slice of that side
+  attends to all conditioning slices (SAM-2 with `add_all_frames_to_correct_as_cond`; see the README for the cost).
 - A propagate call runs only the dirty sides; with nothing dirty it re-runs the requested sides from the anchor.
+- Several objects propagate together: all forward passes advance slice by slice, then all backward ones, so a
+  slice's features are computed once for all objects (see `PropagationRun`). Post-processing never changes a
+  prompted slice.
 """
 
 from __future__ import annotations
@@ -120,33 +126,81 @@ class PropagationRun:
 
     def __iter__(self) -> Iterator[SliceResult]:
         s = self._session
-        done_objects, reported = [], set()
-        for p in self.passes:
-            empties = 0
-            for result in s._track(p.obj_id, p.direction, p.first, p.last) if not self._cancel.is_set() else ():
-                if (p.obj_id, result.slice_index) in reported:
-                    continue
-                reported.add((p.obj_id, result.slice_index))
-                s._store(result)
-                self.summary.slices_done += 1
-                yield result
+        self._reported: set = set()
+        self._done_objects: list = []
+        lanes = [_Lane(p) for p in self.passes]
+        forward = [lane for lane in lanes if lane.step > 0]
+        backward = [lane for lane in lanes if lane.step < 0]
+        # All objects advance together, slice by slice, so each slice is encoded once for all of them. When a
+        # backward pass starts above a forward one (objects anchored on different slices), the forward sweep
+        # stops there, the backward sweep runs, then the forward sweep goes on: the slices both sweeps track are
+        # then the most recently encoded ones, which a cache smaller than the volume still holds.
+        split = max((lane.p.first for lane in backward), default=None)
+        if forward and backward and split > min(lane.p.first for lane in forward):
+            schedule = [(forward, split), (backward, None), (forward, None)]
+        else:
+            schedule = [(forward, None), (backward, None)]
+        try:
+            if not self._cancel.is_set():
+                s._begin_propagation(self.passes)
+            for group, until in schedule:
                 if self._cancel.is_set():
-                    break  # before the next slice is computed
-                empties = 0 if result.mask.any() else empties + 1
-                if self._stop_after_empty and empties >= self._stop_after_empty and result.slice_index != p.last:
-                    self.summary.stopped_early[(p.obj_id, p.direction)] = result.slice_index
-                    yield from self._clear_beyond(p, result.slice_index)
                     break
-            if self._cancel.is_set():
-                self.summary.cancelled = True  # the side stays dirty: the next propagate redoes it
-                return
-            s._objects[p.obj_id].dirty.pop(p.direction, None)
-            if p.obj_id not in done_objects:
-                done_objects.append(p.obj_id)
-        for obj_id in done_objects:
+                yield from self._sweep(group, until)
+        finally:
+            for lane in lanes:
+                lane.close()
+        if self._cancel.is_set():
+            self.summary.cancelled = True  # unfinished sides stay dirty: the next propagate redoes them
+            return
+        for obj_id in self._done_objects:
             yield from self._postprocess_object(obj_id)
             ranked = sorted(s._objects[obj_id].ious.items(), key=lambda kv: kv[1])[:5]
             self.summary.least_certain[obj_id] = [(int(k), float(v)) for k, v in ranked]
+
+    def _sweep(self, lanes: list["_Lane"], until: int | None) -> Iterator[SliceResult]:
+        """Advance the lanes of one direction in slice order (up to `until`, inclusive), all lanes on a slice
+        before the next slice."""
+        while not self._cancel.is_set():
+            live = [lane for lane in lanes if not lane.finished
+                    and (until is None or (lane.next - until) * lane.step <= 0)]
+            if not live:
+                return
+            k = min(lane.next * lane.step for lane in live) * live[0].step
+            for lane in live:
+                if lane.next == k:
+                    yield from self._advance(lane)
+                    if self._cancel.is_set():
+                        return  # before the next slice is computed
+
+    def _advance(self, lane: "_Lane") -> Iterator[SliceResult]:
+        """One slice of one pass."""
+        s, p = self._session, lane.p
+        if lane.steps is None:
+            lane.steps = s._track(p.obj_id, p.direction, p.first, p.last)
+        result = next(lane.steps, None)
+        if result is None:
+            return self._finish(lane)
+        lane.next = result.slice_index + lane.step
+        if (p.obj_id, result.slice_index) not in self._reported:  # a slice prompted on both sides: once
+            self._reported.add((p.obj_id, result.slice_index))
+            s._store(result)
+            self.summary.slices_done += 1
+            yield result
+            lane.empties = 0 if result.mask.any() else lane.empties + 1
+            if (self._stop_after_empty and lane.empties >= self._stop_after_empty
+                    and result.slice_index != p.last and not self._cancel.is_set()):
+                self.summary.stopped_early[(p.obj_id, p.direction)] = result.slice_index
+                yield from self._clear_beyond(p, result.slice_index)
+                return self._finish(lane)
+        if (lane.next - p.last) * lane.step > 0:
+            self._finish(lane)
+
+    def _finish(self, lane: "_Lane") -> None:
+        lane.close()
+        self._session._objects[lane.p.obj_id].dirty.pop(lane.p.direction, None)
+        if lane.p.obj_id not in self._done_objects:
+            self._done_objects.append(lane.p.obj_id)
 
     def _clear_beyond(self, p: Pass, stopped_at: int) -> Iterator[SliceResult]:
         """Slices past an early stop lose what an earlier run left there: the result must not mix two runs."""
@@ -168,10 +222,30 @@ class PropagationRun:
             after = keep_largest_component(after)
         if "fill_holes" in self._postprocess:
             after = fill_holes_3d(after)
-        changed = np.flatnonzero((before != after).reshape(len(before), -1).any(axis=1))
+        changed = (before != after).reshape(len(before), -1).any(axis=1)
+        # A prompted or corrected slice shows what the user asked for: clean-up must not undo a correction.
+        changed[list(s._objects[obj_id].prompts)] = False
+        changed = np.flatnonzero(changed)
         for k in changed:
             s._masks[obj_id][k] = after[k]
             yield SliceResult(obj_id, int(k), after[k].copy(), float("nan"), float("nan"), stage="postprocess")
+
+
+class _Lane:
+    """One pass while it runs: its slice iterator (started at its first slice, not before) and where it is."""
+
+    def __init__(self, p: Pass):
+        self.p = p
+        self.step = 1 if p.direction == FORWARD else -1
+        self.next = p.first
+        self.steps: Iterator[SliceResult] | None = None
+        self.empties = 0
+        self.finished = False
+
+    def close(self) -> None:
+        self.finished = True
+        if self.steps is not None:
+            self.steps.close()
 
 
 POSTPROCESS_STEPS = ("largest_component", "fill_holes")
@@ -219,6 +293,9 @@ class VolumeSession(abc.ABC):
 
     def _preprocessing_changed(self) -> None:
         """Hook: drop whatever depended on the old preprocessing (features, tracking states)."""
+
+    def _begin_propagation(self, passes: list[Pass]) -> None:
+        """Hook: prepare the tracking states of all passes of a propagation before its first slice."""
 
     # ---- user actions -----------------------------------------------------------------------------------------
     @property

@@ -20,6 +20,11 @@ MEDSAM2_OVERRIDES = (
     "++model.memory_attention.layer.self_attention.feat_sizes=[32,32]",
     "++model.memory_attention.layer.cross_attention.feat_sizes=[32,32]",
 )
+# A click on an already-tracked slice becomes a conditioning frame (SAM-2's default keeps it a non-conditioning
+# output that re-propagation recomputes without the click: the correction would be lost). SAM-2 trains this way.
+CORRECTION_OVERRIDES = ("++model.add_all_frames_to_correct_as_cond=true",)
+# How the engine configures SAM-2; a reference predictor compared with the engine must be built with the same.
+SAM2_OVERRIDES = MEDSAM2_OVERRIDES + CORRECTION_OVERRIDES
 PRECISIONS = ("fp32", "bf16")
 KERNELS = ("onednn", "torch")
 RANDOM_WEIGHTS_WARNING = (
@@ -98,7 +103,7 @@ def build_predictor(device: torch.device, seed: int | None = None) -> torch.nn.M
         torch.manual_seed(seed)
     predictor = build_sam2_video_predictor(
         SAM2_CONFIG, ckpt_path=None, device=str(device),
-        hydra_overrides_extra=list(MEDSAM2_OVERRIDES)
+        hydra_overrides_extra=list(SAM2_OVERRIDES)
         + ["++model._target_=medsam2_backend.engine.sam2_engine.CachingVideoPredictor"])
     if not _has_sam2_cuda_extension():
         # The hole filling SAM-2 applies to low-res masks needs its CUDA extension; without it SAM-2 skips the

@@ -27,23 +27,35 @@ _OBJ = 1  # each tracking state holds one object; objects are kept apart by the 
 class FeatureCache:
     """Backbone features per slice, least-recently-used out when over `budget_bytes`.
 
-    Position encodings are the same for every slice, so one copy is kept for all.
+    Position encodings are the same for every slice, so one copy is kept for all. Whatever the budget, the slice
+    encoded last is kept (every object of a propagation needs it in turn), and so are the `pinned` slices: prompted
+    slices whose memory SAM-2 encodes only when the next propagation starts, from the same features.
     """
 
     def __init__(self, budget_bytes: int, store_dtype: torch.dtype | None = None):
         self.budget_bytes = budget_bytes
         self.store_dtype = store_dtype
         self._entries: collections.OrderedDict[int, list[torch.Tensor]] = collections.OrderedDict()
+        self._entry_bytes = 0
+        self._last: tuple[int, list[torch.Tensor]] | None = None
+        self._pinned: set[int] = set()
         self._pos_enc: list[torch.Tensor] | None = None
-        self.nbytes = 0
         self.misses = 0  # slices encoded: a correction must not add any
+
+    @property
+    def nbytes(self) -> int:
+        extra = self._last is not None and self._last[0] not in self._entries
+        return self._entry_bytes + (_size(self._last[1]) if extra else 0)
 
     def get(self, k: int) -> dict | None:
         fpn = self._entries.get(k)
-        if fpn is None:
+        if fpn is not None:
+            self._entries.move_to_end(k)
+        elif self._last is not None and self._last[0] == k:
+            fpn = self._last[1]
+        else:
             self.misses += 1
             return None
-        self._entries.move_to_end(k)
         return {"backbone_fpn": list(fpn), "vision_pos_enc": list(self._pos_enc)}
 
     def put(self, k: int, backbone_out: dict) -> None:
@@ -52,17 +64,32 @@ class FeatureCache:
             fpn = [f.to(self.store_dtype) for f in fpn]
         if self._pos_enc is None:
             self._pos_enc = list(backbone_out["vision_pos_enc"])
-        size = sum(f.numel() * f.element_size() for f in fpn)
-        if size > self.budget_bytes:
-            return
+        self._last = (k, fpn)
+        self._remove(k)
+        self._entries[k] = fpn
+        self._entry_bytes += _size(fpn)
+        self._evict()
+
+    def pin_only(self, slices) -> None:
+        """Keep exactly these slices beyond the budget (those still cached, or encoded last)."""
+        self._pinned = set(slices)
+        for k in self._pinned - set(self._entries):
+            if self._last is not None and self._last[0] == k:
+                self._entries[k] = self._last[1]
+                self._entry_bytes += _size(self._last[1])
+        self._evict()
+
+    def _remove(self, k: int) -> None:
         old = self._entries.pop(k, None)
         if old is not None:
-            self.nbytes -= sum(f.numel() * f.element_size() for f in old)
-        while self._entries and self.nbytes + size > self.budget_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.nbytes -= sum(f.numel() * f.element_size() for f in evicted)
-        self._entries[k] = fpn
-        self.nbytes += size
+            self._entry_bytes -= _size(old)
+
+    def _evict(self) -> None:
+        for k in list(self._entries):  # least recently used first
+            if self._entry_bytes <= self.budget_bytes:
+                return
+            if k not in self._pinned:
+                self._remove(k)
 
     def shrink(self, budget_bytes: int) -> None:
         """Lower (or raise) the budget, dropping least-recently-used slices until the cache fits it."""
@@ -73,15 +100,25 @@ class FeatureCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._entry_bytes = 0
+        self._last = None
+        self._pinned = set()
         self._pos_enc = None
-        self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
 
+def _size(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class CachingVideoPredictor(SAM2VideoPredictor):
     """SAM-2's video predictor with a bounded multi-slice feature cache and the predicted IoU kept per output."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        reuse_position_embedding(self.image_encoder.trunk)
 
     def _get_image_feature(self, inference_state, frame_idx, batch_size):
         cache: FeatureCache = inference_state["feature_cache"]
@@ -125,6 +162,27 @@ class CachingVideoPredictor(SAM2VideoPredictor):
         }
 
 
+def reuse_position_embedding(trunk: torch.nn.Module) -> None:
+    """Hiera interpolates its position embedding (bicubic, to the feature size) on every frame, ~2 % of the image
+    encoder; the result depends only on the weights and the size, so inference computes it once and reuses it
+    (the same tensor bit for bit). Weights loaded later bump the parameters' versions and so recompute it."""
+    compute = trunk._get_pos_embed
+    cache: dict = {}
+
+    def cached(hw):
+        if not torch.is_inference_mode_enabled():
+            return compute(hw)
+        device = trunk.pos_embed.device.type
+        key = (tuple(hw), trunk.pos_embed._version, trunk.pos_embed_window._version,
+               torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        if key not in cache:
+            cache.clear()
+            cache[key] = compute(hw)
+        return cache[key]
+
+    trunk._get_pos_embed = cached
+
+
 def frame_output(state: dict, frame_idx: int) -> dict | None:
     """The latest output of the state's object on a frame (temporary outputs first, as SAM-2 looks them up)."""
     for d in (state["temp_output_dict_per_obj"].get(0, {}), state["output_dict_per_obj"].get(0, {})):
@@ -165,6 +223,20 @@ class Sam2VolumeSession(VolumeSession):
 
     def _forget_object(self, obj_id: int) -> None:
         self._states.pop(obj_id, None)
+        self.cache.pin_only(self._prompted_not_encoded())
+
+    def _prompted_not_encoded(self) -> set[int]:
+        """Slices prompted since their state last propagated: SAM-2 encodes their memory when it next does."""
+        return {k for states in self._states.values() for state in states.values()
+                for outputs in state["temp_output_dict_per_obj"].get(0, {}).values() for k in outputs}
+
+    def _begin_propagation(self, passes) -> None:
+        # SAM-2 encodes the memory of newly prompted slices when a propagation starts: do it for every state now,
+        # while those slices' features are pinned, instead of as each pass reaches its first slice.
+        with self.lock, torch.inference_mode(), self.model.autocast():
+            for p in passes:
+                self.model.predictor.propagate_in_video_preflight(self._state(p.obj_id, p.direction))
+            self.cache.pin_only(self._prompted_not_encoded())
 
     def working_bytes(self) -> int:
         return super().working_bytes() + self.cache.nbytes
@@ -197,6 +269,7 @@ class Sam2VolumeSession(VolumeSession):
                         clear_old_points=replace)
                 if result is None:
                     result = self._result(obj_id, slice_index, logits, frame_output(state, slice_index))
+            self.cache.pin_only(self._prompted_not_encoded())
         return result
 
     def _track(self, obj_id: int, direction: str, first: int, last: int) -> Iterator[SliceResult]:
