@@ -192,7 +192,7 @@ def test_killed_run_resumes_without_redoing_finished_cases(tmp_path):
     assert len(list(out.glob("*/report.json"))) == 6
 
 
-@pytest.mark.slow
+@pytest.mark.sam2
 def test_ray_cohort_with_random_sam2_weights(tmp_path):
     """SAM-2 with random weights through a Ray worker, on 6 slices of CTChest4 and its right lung only."""
     ct, seg = sitk.ReadImage(CT), sitk.ReadImage(SEG)
