@@ -20,7 +20,7 @@ import torch
 
 from medsam2_backend.engine import EngineInputError
 from medsam2_backend.engine.checkpoints import (
-    KNOWN_CHECKPOINTS, fetch_for_demo, fetch_known, record_path, resolve, sha256_of)
+    DEMO_FALLBACK, KNOWN_CHECKPOINTS, fetch_for_demo, fetch_known, record_path, resolve, sha256_of)
 from medsam2_backend.engine.errors import CheckpointIntegrityError, CheckpointNetworkError
 from medsam2_backend.engine.model import load_model
 
@@ -165,7 +165,7 @@ def test_a_replaced_cached_file_is_never_loaded(hub, tmp_path):
     with pytest.raises(CheckpointIntegrityError):  # also when the cached file is given by its path
         resolve(path)
     with pytest.raises(CheckpointIntegrityError):  # and `make demo` does not fall back on it
-        fetch_for_demo(NAME, tmp_path)
+        fetch_for_demo(pytest.fail, NAME, tmp_path)
     assert fetch_known(NAME, tmp_path, update=True).path.read_bytes() == PAYLOAD  # the way back: re-download
 
 
@@ -175,7 +175,7 @@ def test_a_download_with_the_wrong_hash_leaves_nothing(hub, tmp_path):
         fetch_known(NAME, tmp_path)
     assert not (tmp_path / FILENAME).exists() and not record_path(tmp_path / FILENAME).exists()
     with pytest.raises(CheckpointIntegrityError):
-        fetch_for_demo(NAME, tmp_path)  # a hash mismatch is never a reason to fall back
+        fetch_for_demo(pytest.fail, NAME, tmp_path)  # a hash mismatch is never a reason to fall back
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path, monkeypatch):
@@ -207,7 +207,8 @@ def test_offline_mode_without_a_cached_file_says_what_to_do(hub, tmp_path, monke
     with pytest.raises(CheckpointNetworkError, match="not in the checkpoint cache .* HF_HUB_OFFLINE is set"):
         fetch_known(NAME, tmp_path)
     assert hub.requests == []
-    assert fetch_for_demo(NAME, tmp_path)[0] is None
+    told = []
+    assert fetch_for_demo(told.append, NAME, tmp_path) is None and "RANDOM WEIGHTS" in told[0]
 
 
 def test_an_unreachable_hub_fails_fast_with_one_sentence(tmp_path, monkeypatch):
@@ -219,8 +220,9 @@ def test_an_unreachable_hub_fails_fast_with_one_sentence(tmp_path, monkeypatch):
     message = str(caught.value)
     assert message.startswith("Cannot reach the Hugging Face Hub at http://127.0.0.1:")
     assert "check the internet connection" in message and "\n" not in message
-    checkpoint, why = fetch_for_demo(NAME, tmp_path)
-    assert checkpoint is None and why == message
+    told = []
+    assert fetch_for_demo(told.append, NAME, tmp_path) is None
+    assert told == [f"{message} {DEMO_FALLBACK}"] and "RANDOM WEIGHTS" in DEMO_FALLBACK
 
 
 def test_a_hub_that_never_answers_times_out(tmp_path, monkeypatch):
@@ -228,11 +230,13 @@ def test_a_hub_that_never_answers_times_out(tmp_path, monkeypatch):
     silent.bind(("127.0.0.1", 0))
     silent.listen()  # accepts connections, never answers
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    told = []
+    started = time.monotonic()
     try:
-        checkpoint, why = fetch_for_demo(NAME, tmp_path, timeout=1)
+        assert fetch_for_demo(told.append, NAME, tmp_path, timeout=1) is None
     finally:
         silent.close()
-    assert checkpoint is None and why.startswith("Cannot reach the Hugging Face Hub")
+    assert told[0].startswith("Cannot reach the Hugging Face Hub") and time.monotonic() - started < 10
 
 
 def test_what_the_hub_cannot_vouch_for_is_refused(hub, tmp_path):

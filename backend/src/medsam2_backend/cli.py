@@ -1,6 +1,7 @@
 """`medsam2-segment`: segment a NRRD volume from a box on one slice, propagate both ways, save a .seg.nrrd.
 
-`demo` does the same on the CT sample that ships with slicerio, with random weights unless a checkpoint is given.
+`demo` does the same on the CT sample that ships with slicerio, with MedSAM2_latest (downloaded once) unless a
+checkpoint is given, and loudly with random weights when the Hugging Face Hub cannot be reached.
 Errors are printed as one sentence (exit code 2), never as a traceback.
 """
 
@@ -95,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
         args.volume = slicerio.get_testdata_file("CTChest4.nrrd")
         args.preset = args.preset or "soft_tissue"
-        args.random_weights = args.random_weights or not args.checkpoint
     try:
+        if args.command == "demo" and not (args.checkpoint or args.random_weights):
+            from .engine.checkpoints import fetch_for_demo
+
+            verified = fetch_for_demo(shout)  # MedSAM2_latest; random weights, loudly, when the Hub is unreachable
+            args.checkpoint, args.random_weights = (str(verified.path), False) if verified else (None, True)
         report = segment_file(
             args.volume, pathlib.Path(args.out), slice_index=args.slice, box=args.box, axis=args.axis,
             preprocessing=Preprocessing(preset=args.preset), checkpoint=args.checkpoint,

@@ -31,6 +31,7 @@ from .errors import CheckpointIntegrityError, CheckpointNetworkError, EngineInpu
 HUB_REPO = "wanglab/MedSAM2"
 DEFAULT_CHECKPOINT = "MedSAM2_latest"
 DEMO_TIMEOUT_S = 5.0  # `make demo` falls back to random weights after at most this long without an answer
+DEMO_FALLBACK = "Falling back to RANDOM WEIGHTS for this demo: the pipeline runs, but the masks are meaningless."
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HTTP_LIBRARIES = {"httpx", "httpx2", "httpcore", "requests", "urllib3", "ssl", "socket"}
 logger = logging.getLogger(__name__)
@@ -161,16 +162,18 @@ def fetch_known(name: str, cache_dir: os.PathLike | None = None, *, update: bool
     return _download_verified(known, folder, timeout)
 
 
-def fetch_for_demo(name: str = DEFAULT_CHECKPOINT, cache_dir: os.PathLike | None = None,
-                   timeout: float = DEMO_TIMEOUT_S) -> tuple[VerifiedCheckpoint | None, str | None]:
-    """`make demo`'s model: the checkpoint, or (None, why) when the Hub cannot be reached, to use random weights.
+def fetch_for_demo(announce, name: str = DEFAULT_CHECKPOINT, cache_dir: os.PathLike | None = None,
+                   timeout: float = DEMO_TIMEOUT_S) -> VerifiedCheckpoint | None:
+    """A demo's model: the known checkpoint, or None (random weights) when the Hub cannot be reached.
 
-    Only the network falls back: a hash mismatch or an unknown name still raises.
+    `announce(text)` is told loudly why it falls back. Only the network falls back: a hash mismatch or an unknown
+    name raises as anywhere else.
     """
     try:
-        return fetch_known(name, cache_dir, timeout=timeout), None
+        return fetch_known(name, cache_dir, timeout=timeout)
     except CheckpointNetworkError as error:
-        return None, str(error)
+        announce(f"{error} {DEMO_FALLBACK}")
+        return None
 
 
 def _download_verified(known: KnownCheckpoint, folder: pathlib.Path, timeout: float | None) -> VerifiedCheckpoint:
