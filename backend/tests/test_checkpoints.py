@@ -334,3 +334,24 @@ def test_wrong_checkpoints_are_named(tmp_path):
         load_model(tmp_path / "junk.pt")
     with pytest.raises(EngineInputError, match="not found"):
         load_model(tmp_path / "nope.pt")
+
+
+def test_medsam2_segment_demo_uses_the_default_checkpoint_or_falls_back_loudly(hub, tmp_path, monkeypatch, capsys):
+    from medsam2_backend import cli
+
+    chosen = []
+
+    def record_choice(volume_path, out_dir, **options):  # stands in for the segmentation itself: only the choice
+        chosen.append((options["checkpoint"], options["random_weights"]))
+        raise EngineInputError("stop here.")
+
+    monkeypatch.setattr(cli, "segment_file", record_choice)
+    monkeypatch.setenv("MEDSAM2_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 2
+    assert chosen[-1] == (str(tmp_path / "cache" / FILENAME), False)
+    monkeypatch.setenv("MEDSAM2_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 2
+    assert chosen[-1] == (None, True) and "RANDOM WEIGHTS" in capsys.readouterr().err
+    assert cli.main(["segment", __file__, "--checkpoint", NAME]) == 2  # only the demo falls back
+    assert chosen[-1] == (NAME, False)
