@@ -52,7 +52,8 @@ KNOWN_CHECKPOINTS = {
                         "Recommended: MedSAM2 fine-tuned on 3D CT, MR, PET, ultrasound and video."),
         KnownCheckpoint("MedSAM2_2411", "MedSAM2_2411.pt", "The first public MedSAM2 release (November 2024)."),
         KnownCheckpoint("MedSAM2_CTLesion", "MedSAM2_CTLesion.pt", "Fine-tuned for CT lesions."),
-        KnownCheckpoint("MedSAM2_MRI_LiverLesion", "MedSAM2_MRI_LiverLesion.pt", "Fine-tuned for liver lesions on MRI."),
+        KnownCheckpoint("MedSAM2_MRI_LiverLesion", "MedSAM2_MRI_LiverLesion.pt",
+                        "Fine-tuned for liver lesions on MRI."),
         KnownCheckpoint("MedSAM2_US_Heart", "MedSAM2_US_Heart.pt", "Fine-tuned for echocardiography."),
     )
 }
@@ -156,9 +157,7 @@ def fetch_known(name: str, cache_dir: os.PathLike | None = None, *, update: bool
         if cached is not None:
             return cached
     if hub_offline():
-        raise CheckpointNetworkError(
-            f"{known.filename} is not in the checkpoint cache {folder} and HF_HUB_OFFLINE is set, so it cannot be "
-            f"downloaded: unset HF_HUB_OFFLINE once on a computer with internet, or give a checkpoint file's path.")
+        raise _offline_error(known, folder)
     return _download_verified(known, folder, timeout)
 
 
@@ -229,15 +228,19 @@ def _download_verified(known: KnownCheckpoint, folder: pathlib.Path, timeout: fl
     return VerifiedCheckpoint(path, expected, meta.commit_hash, known.repo_id)
 
 
+def _offline_error(known: KnownCheckpoint, folder: pathlib.Path) -> CheckpointNetworkError:
+    return CheckpointNetworkError(
+        f"{known.filename} is not in the checkpoint cache {folder} and HF_HUB_OFFLINE is set, so it cannot be "
+        f"downloaded: unset HF_HUB_OFFLINE once on a computer with internet, or give a checkpoint file's path.")
+
+
 def _as_engine_error(error: Exception, known: KnownCheckpoint, endpoint: str, folder: pathlib.Path,
                      network_failure: str) -> EngineInputError | None:
     """The sentence for an error of huggingface_hub or of the network under it; None for any other error (a bug)."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if isinstance(error, OfflineModeIsEnabled):
-        return CheckpointNetworkError(
-            f"{known.filename} is not in the checkpoint cache {folder} and HF_HUB_OFFLINE is set, so it cannot be "
-            f"downloaded: unset HF_HUB_OFFLINE once on a computer with internet, or give a checkpoint file's path.")
+        return _offline_error(known, folder)
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         status = error.response.status_code
         if status < 500 and status not in (408, 429):
