@@ -1,10 +1,11 @@
 """`make demo`: the Slicer-side path end to end, headless (slicer-core), on slicerio's CTChest4 CT.
 
-    python -m MedSAM2SlicerLib.demo [--checkpoint PATH_OR_NAME] [--out out/demo]
+    python -m MedSAM2SlicerLib.demo [--checkpoint PATH_OR_NAME | --random-weights] [--out out/demo]
 
-Loads the CT into a scalar volume node with its file geometry, starts a local `medsam2-server` (random weights
-unless a checkpoint is given), draws a box in RAS on the middle axial slice, propagates both ways into a new
-segment, and writes `<name>.seg.nrrd` plus a PNG montage of 12 labelled slices, the mask outlined and the box drawn.
+Loads the CT into a scalar volume node with its file geometry, starts a local `medsam2-server` (with MedSAM2_latest,
+downloaded once, unless a checkpoint is given; loudly with random weights when the Hub cannot be reached), draws a
+box in RAS on the middle axial slice, propagates both ways into a new segment, and writes `<name>.seg.nrrd` plus a
+PNG montage of 12 labelled slices, the mask outlined and the box drawn.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import slicer
 
 from . import geometry, mrml_io
 from .controller import MedSAM2ActionError
-from .logic import MedSAM2SlicerLogic
+from .logic import MedSAM2SlicerLogic, describe_checkpoint
 
 MONTAGE_COLUMNS, MONTAGE_ROWS, MONTAGE_SCALE = 4, 3, 2
 DISPLAY_WINDOW = (40.0, 400.0)  # level, width (soft tissue) for the montage only; the voxels are never changed
@@ -126,6 +127,17 @@ def save_montage(voxels_kji: np.ndarray, mask_kji: np.ndarray, path: pathlib.Pat
     return slices
 
 
+def demo_checkpoint(log=print) -> str | None:
+    """A first look should be a real segmentation: MedSAM2_latest's verified file (downloaded once), else None.
+
+    None (random weights, said loudly) only when the Hub cannot be reached; a hash mismatch raises as anywhere.
+    """
+    from medsam2_backend.engine.checkpoints import fetch_for_demo
+
+    verified = fetch_for_demo(lambda text: log(f"{'!' * 100}\n!!! {text}\n{'!' * 100}"))
+    return None if verified is None else str(verified.path)
+
+
 def run_demo(out_dir, checkpoint: str | None = None, test_engine: bool = False, device: str | None = None,
              log=print) -> dict:
     """The whole demo; returns the output paths, the prompt, the timings and whether random weights were used."""
@@ -181,17 +193,22 @@ def run_demo(out_dir, checkpoint: str | None = None, test_engine: bool = False, 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m MedSAM2SlicerLib.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", help="MedSAM2 checkpoint path or known name (default: random weights)")
+    parser.add_argument("--checkpoint", help="MedSAM2 checkpoint path or known name (default: MedSAM2_latest, "
+                        "downloaded once; random weights when the Hub cannot be reached)")
+    parser.add_argument("--random-weights", action="store_true", help="test the pipeline without a checkpoint")
     parser.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args(argv)
+    from medsam2_backend.engine import EngineInputError
+
     try:
-        result = run_demo(args.out, args.checkpoint, device=args.device)
-    except MedSAM2ActionError as error:
+        checkpoint = args.checkpoint or (None if args.random_weights else demo_checkpoint())
+        result = run_demo(args.out, checkpoint, device=args.device)
+    except (MedSAM2ActionError, EngineInputError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2
     model = result["model"]
-    print(f"model: {model.get('model')}, checkpoint {model.get('checkpoint')}, {model.get('device')}")
+    print(f"model: {model.get('model')} on {model.get('device')}; {describe_checkpoint(model)}")
     print(f"box on axial slice {result['prompt_slice']}; {result['slices_written']} slices propagated, "
           f"{result['voxels']} voxels in the segment")
     print("least certain slices: " + ", ".join(f"{u.slice_index} (IoU {u.iou:.2f})" for u in result["least_certain"]))
@@ -201,7 +218,7 @@ def main(argv=None) -> int:
     print(f"montage:      {result['montage']}  (axial slices {result['montage_slices']})")
     if result["random_weights"]:
         print("!!! RANDOM WEIGHTS WERE USED: the pipeline is real, the masks are meaningless. "
-              "Give --checkpoint MedSAM2_latest for real masks. !!!")
+              "Run it again with internet access (or CHECKPOINT=/path/to/MedSAM2_latest.pt) for real masks. !!!")
     return 0
 
 

@@ -50,10 +50,20 @@ def describe_capabilities(capabilities: dict) -> str:
     engine = capabilities.get("engine", {})
     lines = [f"WARNING: {capabilities['warning']}"] if capabilities.get("warning") else []
     lines += [f"Model: {engine.get('model', '?')}",
-              f"Checkpoint: {engine.get('checkpoint', '?')}",
+              describe_checkpoint(engine),
               f"Device: {engine.get('device', '?')} ({engine.get('precision', '?')})",
               f"Server: {capabilities.get('server_version', '?')}, protocol {capabilities.get('protocol_version')}"]
     return "\n".join(lines)
+
+
+def describe_checkpoint(engine: dict) -> str:
+    """The checkpoint line: its name, where a downloaded one came from (Hub repository, commit) and its SHA-256."""
+    line = f"Checkpoint: {engine.get('checkpoint', '?')}"
+    if engine.get("checkpoint_revision"):
+        line += f" from {engine.get('checkpoint_source') or 'the Hub'} at commit {engine['checkpoint_revision'][:12]}"
+    if engine.get("checkpoint_sha256"):
+        line += f", SHA-256 {engine['checkpoint_sha256']}"
+    return line
 
 
 class MedSAM2SlicerLogic:

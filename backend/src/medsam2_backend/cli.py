@@ -3,7 +3,8 @@
   segment  one image (NIfTI, NRRD, MHA/MHD or a DICOM series folder) from a prompts file, from ground-truth labels
            (with metrics), or from --slice/--box; writes a .seg.nrrd, a NIfTI label map and report.json.
   batch    a manifest of cases, on Ray (local workers or a cluster), resumable, with summary tables.
-  demo     the CT sample that ships with slicerio, with random weights unless a checkpoint is given.
+  demo     the CT sample that ships with slicerio, with MedSAM2_latest (downloaded once) unless a checkpoint is
+           given; loudly with random weights when the Hugging Face Hub cannot be reached.
 
 Index order (voxel indices, --axis, --slice, --box, report): see `medsam2_backend.batch.prompts`; in short I,J,K
 voxel indices, axis i/j/k, slice pixels x = lower and y = higher remaining index. Every bad input is one sentence
@@ -48,8 +49,6 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", help="MedSAM2 checkpoint: a file or a known name such as MedSAM2_latest")
     g.add_argument("--random-weights", action="store_true",
                    help="a randomly initialised model: tests the pipeline only, masks are meaningless")
-    g.add_argument("--trust-on-first-use", action="store_true",
-                   help="accept a known checkpoint whose hash is not recorded yet (pins it on first download)")
     g.add_argument("--test-engine", action="store_true", help=argparse.SUPPRESS)  # deterministic disks, no model
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--precision", choices=["fp32", "bf16"], help="default: the device's fastest exact choice")
@@ -110,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--ray-address", help="an existing Ray cluster (e.g. 10.0.0.5:6379; default: local)")
     batch.add_argument("--no-ray", action="store_true", help="run the cases one after another in this process")
     _case_options(batch)
-    demo = sub.add_parser("demo", help="the slicerio CT sample, random weights unless --checkpoint",
+    demo = sub.add_parser("demo", help="the slicerio CT sample, with MedSAM2_latest unless --checkpoint (random weights when offline)",
                           formatter_class=fmt, epilog=DEMO_EXAMPLE,
                           description="Segment slicerio's CTChest4 sample from a box on its middle slice.")
     demo.add_argument("-o", "--out", default="out", help="output folder (default: %(default)s)")
@@ -153,7 +152,7 @@ def _model_spec(args):
             raise EngineInputError(f"The checkpoint {args.checkpoint} is neither a file nor a known name "
                                    f"({', '.join(KNOWN_CHECKPOINTS)}).")
     return ModelSpec(checkpoint=args.checkpoint, random_weights=args.random_weights, test_engine=args.test_engine,
-                     device=args.device, precision=args.precision, trust_on_first_use=args.trust_on_first_use)
+                     device=args.device, precision=args.precision)
 
 
 def _segment(args) -> int:
@@ -218,7 +217,14 @@ def main(argv: list[str] | None = None) -> int:
 
         args.volume = slicerio.get_testdata_file("CTChest4.nrrd")
         args.preset = args.preset or "soft_tissue"
-        args.random_weights = args.random_weights or not (args.checkpoint or args.test_engine)
+        if not (args.checkpoint or args.random_weights or args.test_engine):
+            from .engine.checkpoints import fetch_for_demo
+
+            try:  # MedSAM2_latest; random weights, loudly, only when the Hub cannot be reached
+                verified = fetch_for_demo(shout)
+            except EngineInputError as e:  # a hash mismatch is never a fallback
+                return _fail(str(e))
+            args.checkpoint, args.random_weights = (str(verified.path), False) if verified else (None, True)
     try:
         from medsam2_client.geometry import GeometryError
 

@@ -45,7 +45,6 @@ class ModelSpec:
     test_engine: bool = False
     device: str | None = None
     precision: str | None = None
-    trust_on_first_use: bool = False
 
     def build(self):
         if self.test_engine:
@@ -55,7 +54,7 @@ class ModelSpec:
         from ..engine import load_engine
 
         return load_engine(self.checkpoint, device=self.device, precision=self.precision,
-                           random_weights=self.random_weights, trust_on_first_use=self.trust_on_first_use)
+                           random_weights=self.random_weights)
 
 
 def read_manifest(path: str | pathlib.Path) -> list[Case]:

@@ -12,11 +12,11 @@ __all__ = ["BACKWARD", "CT_PRESETS", "DIRECTIONS", "DiskEngine", "EngineInputErr
 
 
 def load_engine(checkpoint=None, *, device=None, precision=None, random_weights=False, seed=0,
-                cache_budget_bytes=1 << 30, trust_on_first_use=False, kernels=None):
+                cache_budget_bytes=1 << 30, update_checkpoint=False, kernels=None):
     """A SAM-2 engine for a MedSAM2 checkpoint (path or known name), or random weights when asked for."""
     from .model import load_model
     from .sam2_engine import Sam2Engine
 
     model = load_model(checkpoint, device=device, precision=precision, random_weights=random_weights, seed=seed,
-                       trust_on_first_use=trust_on_first_use, kernels=kernels)
+                       update_checkpoint=update_checkpoint, kernels=kernels)
     return Sam2Engine(model, cache_budget_bytes)

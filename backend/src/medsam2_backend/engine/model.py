@@ -9,7 +9,6 @@ import pathlib
 
 import torch
 
-from .checkpoints import sha256_of
 from .errors import EngineInputError
 
 SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
@@ -50,6 +49,8 @@ class Sam2Model:
     checkpoint_name: str  # file name, or "random weights"
     checkpoint_sha256: str | None
     kernels: str = "torch"  # "onednn": fp32 linear layers prepacked for oneDNN (CPU), see cpu_kernels
+    checkpoint_revision: str | None = None  # the Hub commit a known checkpoint was downloaded from
+    checkpoint_source: str | None = None  # its Hub repository
 
     @property
     def random_weights(self) -> bool:
@@ -68,6 +69,7 @@ class Sam2Model:
     def describe(self) -> dict:
         return {"model": "SAM-2 hiera-tiny (MedSAM2 configuration)", "image_size": self.image_size,
                 "checkpoint": self.checkpoint_name, "checkpoint_sha256": self.checkpoint_sha256,
+                "checkpoint_revision": self.checkpoint_revision, "checkpoint_source": self.checkpoint_source,
                 "random_weights": self.random_weights, "device": str(self.device), "precision": self.precision,
                 "kernels": self.kernels}
 
@@ -156,9 +158,11 @@ def default_kernels(device: torch.device, precision: str) -> str:
 
 def load_model(checkpoint: os.PathLike | str | None = None, *, device: str | None = None,
                precision: str | None = None, random_weights: bool = False, seed: int | None = 0,
-               trust_on_first_use: bool = False, kernels: str | None = None) -> Sam2Model:
+               update_checkpoint: bool = False, kernels: str | None = None) -> Sam2Model:
     """The model for a checkpoint path, a known checkpoint name, or random weights (only when asked for).
 
+    A known name loads its verified cached file without asking the Hub (downloaded on first use, see
+    `checkpoints`); `update_checkpoint` asks the Hub for its current file first.
     `kernels`: "onednn" (default on the CPU in fp32: the same fp32 arithmetic, faster) or "torch".
     """
     dev = pick_device(device)
@@ -174,18 +178,18 @@ def load_model(checkpoint: os.PathLike | str | None = None, *, device: str | Non
                                "random weights - not both, not neither.")
     if random_weights:
         shout(RANDOM_WEIGHTS_WARNING)  # every entry point (CLI, server, Python) says it once, loudly
-        predictor, name, digest = build_predictor(dev, seed), "random weights", None
+        predictor, verified = build_predictor(dev, seed), None
     else:
-        from .checkpoints import KNOWN_CHECKPOINTS, fetch_known
+        from .checkpoints import resolve
 
-        path = pathlib.Path(checkpoint)
-        if not path.exists() and str(checkpoint) in KNOWN_CHECKPOINTS:
-            path = fetch_known(str(checkpoint), trust_on_first_use=trust_on_first_use)
+        verified = resolve(checkpoint, update=update_checkpoint)  # raises before the model is built
         predictor = build_predictor(dev)
-        load_state_dict(predictor, path)
-        name, digest = path.name, sha256_of(path)
+        load_state_dict(predictor, verified.path)
     if kernels == "onednn":
         from .cpu_kernels import pack_linear_layers
 
         pack_linear_layers(predictor)
-    return Sam2Model(predictor, dev, precision, name, digest, kernels)
+    if verified is None:
+        return Sam2Model(predictor, dev, precision, "random weights", None, kernels)
+    return Sam2Model(predictor, dev, precision, verified.path.name, verified.sha256, kernels, verified.revision,
+                     verified.repo_id)

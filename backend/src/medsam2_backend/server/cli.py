@@ -15,8 +15,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=protocol.DEFAULT_PORT)
     p.add_argument("--checkpoint", help="MedSAM2 checkpoint: a file path or a known name such as MedSAM2_latest")
-    p.add_argument("--trust-on-first-use", action="store_true",
-                   help="accept a known checkpoint whose hash is not recorded yet (pins it on first download)")
+    p.add_argument("--update-checkpoint", action="store_true",
+                   help="ask the Hub for the current file of a known checkpoint even when a verified one is cached "
+                   "(default: a cached, verified checkpoint loads without asking the Hub)")
     p.add_argument("--random-weights", action="store_true",
                    help="serve a randomly initialised model (pipeline tests only: masks are meaningless)")
     p.add_argument("--test-engine", action="store_true", help=argparse.SUPPRESS)  # deterministic disks, no model
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
     chosen = sum(bool(x) for x in (args.checkpoint, args.random_weights, args.test_engine))
     if chosen != 1:
         return _fail("give exactly one of --checkpoint PATH_OR_NAME, --random-weights or --test-engine.")
+    if args.update_checkpoint and not args.checkpoint:
+        return _fail("--update-checkpoint goes with --checkpoint NAME (a known checkpoint such as MedSAM2_latest).")
     os.environ.setdefault("TQDM_DISABLE", "1")  # SAM-2 draws a progress bar per propagation
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         try:
             engine = load_engine(args.checkpoint, device=args.device, precision=args.precision,
-                                 random_weights=args.random_weights, trust_on_first_use=args.trust_on_first_use)
+                                 random_weights=args.random_weights, update_checkpoint=args.update_checkpoint)
         except EngineInputError as e:
             return _fail(str(e))
     app = make_app(engine, token=token, max_sessions=args.max_sessions,
