@@ -7,6 +7,7 @@ import slicer
 from medsam2_backend.engine import DiskEngine
 from medsam2_backend.engine.test_engine import disk, shrink_mask
 from medsam2_client import wire
+from medsam2_client.errors import BackendUnavailable
 from MedSAM2SlicerLib import mrml_io, scenarios
 from MedSAM2SlicerLib.controller import MedSAM2ActionError, SessionController
 from MedSAM2SlicerLib.logic import InProcessBackend
@@ -34,7 +35,7 @@ class RecordingBackend(InProcessBackend):
                 def stream():
                     for i, result in enumerate(run):
                         if i == limit:
-                            raise ConnectionError("the server went away")
+                            raise BackendUnavailable("the server went away")
                         yield result
                 return type("Run", (), {"planned": run.planned, "summary": run.summary, "cancel": run.cancel,
                                         "done": property(lambda self: run.done),
