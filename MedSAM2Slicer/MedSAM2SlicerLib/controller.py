@@ -148,6 +148,7 @@ class _Action:
 
     changes: dict = dataclasses.field(default_factory=dict)
     writers: list = dataclasses.field(default_factory=list)
+    accepted: list = dataclasses.field(default_factory=list)  # (axis, first, last) of slices taken as the user drew
 
     def change(self, segment_id: str, axis, calls, prompts) -> None:
         self.changes[segment_id] = (axis, tuple(calls), tuple(prompts))
@@ -358,7 +359,9 @@ class SessionController:
             result = call.apply(entry.session, obj_id)
             action.change(segment_id, axis, (base.calls if base else ()) + (call,),
                           (base.prompts if base else ()) + (record,))
-            if write:
+            if not write:  # the user's voxels are the prompt: they are now what MedSAM2 knows of that slice
+                action.accepted.append((axis, call.slice_index, call.slice_index))
+            else:
                 writer = self._writer(volume_node, target, segment_id, axis)
                 action.writers.append(writer)
                 writer.add(result.slice_index, result.mask)
@@ -379,12 +382,12 @@ class SessionController:
                 for writer in action.writers:
                     writer.flush()  # on an error, still write what arrived: the segment shows all the backend sent
             finally:
-                if action.changes or any(w.slabs for w in action.writers):
+                if action.changes or action.accepted or any(w.slabs for w in action.writers):
                     self._commit(volume_node, target, action)
 
     def _commit(self, volume_node, target, action: _Action) -> None:
         node, volume_id = target.segmentation_node, volume_node.GetID()
-        slabs = [slab for writer in action.writers for slab in writer.slabs]
+        slabs = [slab for writer in action.writers for slab in writer.slabs] + action.accepted
         fingerprint = self.fingerprint(volume_node)
         for segment_id in _segment_ids(node):
             key = (node.GetID(), segment_id)
@@ -465,6 +468,7 @@ class SessionController:
             call.apply(entry.session, obj_id)
             calls.append(call)
             prompts.append(RasPrompt(k, live.axis, source="edit"))
+            action.accepted.append((live.axis, k, k))
         if edited:
             action.change(segment_id, live.axis, calls, prompts)
         return set(edited)
