@@ -31,13 +31,16 @@ class EffectTarget:
     def save_state_for_undo(self):
         self.scriptedEffect.saveStateForUndo()
 
+    def reference_geometry(self):
+        """The lattice the editor's effects write on (Slicer: qSlicerSegmentEditorAbstractEffect)."""
+        return self.scriptedEffect.referenceGeometryImage()
+
     def modify(self, segment_id, labelmap, mode, extent_ijk):
-        # The effect always edits the selected segment; the controller only ever passes that one.
-        assert segment_id == self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
+        # Any segment of this segmentation (a multi-segment propagation writes several). The overload without an
+        # extent (PythonQt cannot pass `const int[6]`): the labelmap's own extent, which is `extent_ijk`.
         modes = {"add": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
                  "remove": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove}
-        # The (labelmap, mode, QList<int> extent) overload; the extent is in the labelmap's own IJK index space.
-        self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, modes[mode], [int(v) for v in extent_ijk])
+        self.scriptedEffect.modifySegmentByLabelmap(self.segmentation_node, segment_id, labelmap, modes[mode])
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -47,6 +50,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self._press_xy = None
+        self._last_slice_view = None
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -81,10 +85,25 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.propagateButton.connect("clicked()", self.onPropagate)
         self.cancelButton = qt.QPushButton("Cancel")
         self.cancelButton.connect("clicked()", self._onCancel)
+        self.allSegmentsCheckBox = qt.QCheckBox("All MedSAM2 segments")
+        self.allSegmentsCheckBox.toolTip = ("Propagate every segment prompted with MedSAM2 together (each slice is "
+                                            "computed once for all; one undo step)")
         buttons = qt.QHBoxLayout()
         buttons.addWidget(self.propagateButton)
+        buttons.addWidget(self.allSegmentsCheckBox)
         buttons.addWidget(self.cancelButton)
         self.scriptedEffect.addOptionsWidget(buttons)
+        self.useSegmentButton = qt.QPushButton("Use segment as prompt")
+        self.useSegmentButton.toolTip = ("Give MedSAM2 the selected segment's voxels on the slice shown in the "
+                                         "last slice view you worked in (a start, or a correction)")
+        self.useSegmentButton.connect("clicked()", self.onUseSegment)
+        self.resetButton = qt.QPushButton("Reset")
+        self.resetButton.toolTip = "Forget this segment's MedSAM2 prompts (its voxels stay; Undo brings them back)"
+        self.resetButton.connect("clicked()", self.onReset)
+        segment_buttons = qt.QHBoxLayout()
+        segment_buttons.addWidget(self.useSegmentButton)
+        segment_buttons.addWidget(self.resetButton)
+        self.scriptedEffect.addOptionsWidget(segment_buttons)
         self.progressBar = qt.QProgressBar()
         self.scriptedEffect.addOptionsWidget(self.progressBar)
         self.uncertainList = qt.QListWidget()
@@ -101,6 +120,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         self.propagateButton.disconnect("clicked()", self.onPropagate)
         self.cancelButton.disconnect("clicked()", self._onCancel)
+        self.useSegmentButton.disconnect("clicked()", self.onUseSegment)
+        self.resetButton.disconnect("clicked()", self.onReset)
         self.uncertainList.disconnect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
 
     def deactivate(self):
@@ -126,6 +147,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """Returns True to abort the event (the views' own handling, e.g. window/level on left-drag, is skipped)."""
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
+        self._last_slice_view = viewWidget  # the view "Use segment as prompt" takes its slice from
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
             if callerInteractor.GetShiftKey() or callerInteractor.GetAltKey():
                 return False  # leave Slicer's own modified clicks/drags (e.g. Ctrl+Alt+drag rotates) alone
@@ -155,9 +177,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             slicer.app.processEvents()  # keeps Cancel responsive and shows slices as they arrive
 
         start, stop = (None if box.value < 0 else box.value for box in (self.rangeStartSpinBox, self.rangeStopSpinBox))
-        outcome = self._run(lambda controller, volume, segment_id: controller.propagate(
-            volume, EffectTarget(self.scriptedEffect), segment_id, direction=self.directionComboBox.currentText,
-            start=start, stop=stop, stop_after_empty=self.stopAfterEmptySpinBox.value or None, progress=progress))
+
+        def propagate(controller, volume, segment_id):
+            target = EffectTarget(self.scriptedEffect)
+            segments = (controller.propagated_segments(volume, target) if self.allSegmentsCheckBox.checked
+                        else [segment_id])
+            return controller.propagate_segments(
+                volume, target, segments, direction=self.directionComboBox.currentText, start=start, stop=stop,
+                stop_after_empty=self.stopAfterEmptySpinBox.value or None, progress=progress)
+        outcome = self._run(propagate)
         if outcome is None:
             return
         self.uncertainList.clear()
@@ -165,7 +193,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             item = qt.QListWidgetItem(f"slice {slice_info.slice_index}: IoU {slice_info.iou:.2f}")
             item.setData(qt.Qt.UserRole, [float(c) for c in slice_info.center_ras])
             self.uncertainList.addItem(item)
-        self.statusLabel.text = ("Cancelled; " if outcome.cancelled else "") + f"{outcome.slices_written} slices."
+        self.statusLabel.text = outcome.status()
+
+    def onUseSegment(self):
+        view = self._last_slice_view or slicer.app.layoutManager().sliceWidget("Red")
+        slice_to_ras = slicer.util.arrayFromVTKMatrix(view.sliceLogic().GetSliceNode().GetSliceToRAS())
+        outcome = self._run(lambda controller, volume, segment_id: controller.prompt_from_segment(
+            volume, EffectTarget(self.scriptedEffect), segment_id, slice_to_ras))
+        if outcome is not None and not outcome.axis_warning:
+            self.statusLabel.text = f"Slice {outcome.slice_index} is the prompt; Propagate to follow it."
+
+    def onReset(self):
+        if self._run(lambda controller, volume, segment_id: controller.reset_segment(
+                volume, EffectTarget(self.scriptedEffect), segment_id) or True):
+            self.statusLabel.text = "MedSAM2 forgot this segment's prompts; its voxels stay (Undo restores them)."
 
     def onJumpToSlice(self, item):
         x, y, z = item.data(qt.Qt.UserRole)
