@@ -1,5 +1,8 @@
 """The session controller: session reuse, preprocessing, one object per segment, errors, cancel, exact voxels."""
 
+import logging
+import types
+
 import numpy as np
 import pytest
 import slicer
@@ -10,7 +13,7 @@ from medsam2_client import wire
 from medsam2_client.errors import BackendUnavailable
 from MedSAM2SlicerLib import geometry, mrml_io, scenarios
 from MedSAM2SlicerLib.controller import MedSAM2ActionError, SessionController
-from MedSAM2SlicerLib.logic import InProcessBackend
+from MedSAM2SlicerLib.logic import InProcessBackend, MedSAM2SlicerLogic
 
 SHAPE = (12, 32, 32)
 
@@ -380,3 +383,113 @@ def test_only_typed_errors_become_sentences(mrml):
             assert "ran out of memory" in str(info.value)
     with pytest.raises(MedSAM2ActionError, match="outside the volume"):  # the engine's input error
         controller.add_prompt(volume, target, a, points_ras=_point(40), labels=[1])
+
+
+# ---- the console API: the Segment Editor's history in the app, warnings, several segments ----
+class SegmentEditorWidgetStandIn:
+    """The `qMRMLSegmentEditorWidget` slots the console uses, and only those (a misspelt one fails): like the
+    C++ widget, they drive one `vtkSlicerSegmentEditorLogic` and its history."""
+
+    __slots__ = ("_logic", "_node")
+
+    def __init__(self, segmentation, volume):
+        self._logic = mrml_io.new_editor_logic(segmentation, volume)
+        self._node = segmentation
+
+    def saveStateForUndo(self):
+        self._logic.SaveStateForUndo()
+
+    def undo(self):
+        self._logic.Undo()
+
+    def redo(self):
+        self._logic.Redo()
+
+    def segmentationNode(self):
+        return self._node
+
+    def mrmlSegmentEditorNode(self):
+        return self._logic.GetSegmentEditorNode()
+
+
+def _open_in_segment_editor(monkeypatch, editor):
+    """As the app's `slicer.modules.segmenteditor.widgetRepresentation().self().editor`."""
+    module_widget = types.SimpleNamespace(editor=editor)
+    representation = types.SimpleNamespace(self=lambda: module_widget)
+    monkeypatch.setattr(slicer.modules, "segmenteditor",
+                        types.SimpleNamespace(widgetRepresentation=lambda: representation), raising=False)
+
+
+def _console(mrml):
+    volume = scenarios.add_volume(shape_kji=SHAPE, ijk_to_ras=np.diag([1.0, 1.0, 2.0, 1.0]))
+    segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    logic = MedSAM2SlicerLogic()
+    logic.connect(engine=DiskEngine(radius=6, shrink=1))
+    return volume, segmentation, logic
+
+
+def test_console_and_segment_editor_share_one_history_and_the_model_follows(mrml, monkeypatch):
+    volume, segmentation, logic = _console(mrml)
+    editor = SegmentEditorWidgetStandIn(segmentation, volume)
+    _open_in_segment_editor(monkeypatch, editor)
+    region = segmentation.GetSegmentation().AddEmptySegment("Region")
+    region_voxels = np.zeros(SHAPE, np.uint8)
+    region_voxels[:, :, :20] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(region_voxels, segmentation, region, volume)
+    editor.mrmlSegmentEditorNode().SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    editor.mrmlSegmentEditorNode().SetMaskSegmentID(region)
+    editor.mrmlSegmentEditorNode().SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    a = logic.segment(volume, segmentation, points_ras=_point(5), propagate=False)
+    after_prompt = _segment(segmentation, a, volume).copy()
+    assert not after_prompt[:, :, 20:].any() and after_prompt[5].any()  # the editor's masking applies
+    logic.propagate(volume, segmentation, a)
+    first = _segment(segmentation, a, volume).copy()
+    logic.segment(volume, segmentation, a, points_ras=_point(8, 8.0, 8.0), propagate=True)  # a correction
+    corrected = _segment(segmentation, a, volume).copy()
+    assert not np.array_equal(first, corrected)
+    editor.undo()  # Ctrl+Z in the Segment Editor: the correction's propagation
+    editor.undo()  # and the correction
+    assert np.array_equal(_segment(segmentation, a, volume), first)
+    logic.redo(segmentation)  # the console redoes what the editor undid
+    logic.undo(segmentation)
+    logic.propagate(volume, segmentation, a)
+    assert np.array_equal(_segment(segmentation, a, volume), first), "the undone correction came back"
+    editor.undo()
+    editor.undo()  # the console's first propagation, from the editor
+    assert np.array_equal(_segment(segmentation, a, volume), after_prompt)
+
+
+def test_segment_returns_its_id_with_the_oblique_and_random_weights_warnings(mrml, caplog):
+    class RandomWeightsDisks(DiskEngine):
+        def describe(self):
+            return dict(super().describe(), random_weights=True)
+
+    volume, segmentation, logic = _console(mrml)
+    logic.connect(engine=RandomWeightsDisks(radius=6, shrink=1))
+    tilt = np.radians(25)
+    view = np.array([[1.0, 0, 0, 0], [0, np.cos(tilt), -np.sin(tilt), 0], [0, np.sin(tilt), np.cos(tilt), 10.0],
+                     [0, 0, 0, 1]])  # 25 degrees off axial
+    with caplog.at_level(logging.WARNING):
+        segment_id = logic.segment(volume, segmentation, points_ras=[[16.0, 15.0, 10.0]], view=view,
+                                   propagate=False)
+    assert isinstance(segment_id, str) and segmentation.GetSegmentation().GetSegment(segment_id) is not None
+    assert len(segment_id.warnings) == 2
+    assert "25" in segment_id.warnings[0] and segment_id.warnings[1].startswith("RANDOM WEIGHTS")
+    assert [r.getMessage() for r in caplog.records if "MedSAM2" in r.getMessage()] == [
+        f"MedSAM2: {w}" for w in segment_id.warnings]
+    assert segment_id.prompt.slice_index == 5 and segment_id.propagation is None
+
+
+def test_propagate_all_takes_every_prompted_segment_and_one_undo(mrml):
+    volume, segmentation, logic = _console(mrml)
+    a = logic.segment(volume, segmentation, points_ras=_point(5, 8.0, 8.0), propagate=False)
+    b = logic.segment(volume, segmentation, points_ras=_point(3, 24.0, 24.0), propagate=False)
+    segmentation.GetSegmentation().AddEmptySegment("painted by hand")  # no MedSAM2 prompt: not propagated
+    outcome = logic.propagate_all(volume, segmentation)
+    assert set(outcome.segments) == {a, b}
+    assert np.array_equal(_segment(segmentation, b, volume), _expected_from({3: disk((32, 32), 24, 24, 6)}))
+    logic.undo(segmentation)
+    assert _segment(segmentation, b, volume)[[0, 11]].sum() == 0
+    logic.reset(segmentation, b)
+    assert set(logic.propagate_all(volume, segmentation).segments) == {a}
