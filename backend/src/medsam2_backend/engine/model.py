@@ -8,6 +8,7 @@ import os
 import pathlib
 
 import torch
+from medsam2_client import protocol
 
 from .checkpoints import sha256_of
 from .errors import EngineInputError
@@ -20,7 +21,7 @@ MEDSAM2_OVERRIDES = (
     "++model.memory_attention.layer.self_attention.feat_sizes=[32,32]",
     "++model.memory_attention.layer.cross_attention.feat_sizes=[32,32]",
 )
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = protocol.PRECISIONS
 KERNELS = ("onednn", "torch")
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: the model is randomly initialised, not MedSAM2. Masks are meaningless; "
