@@ -31,7 +31,7 @@ class PromptCall:
 
     slice_index: int
     kwargs: dict  # points/labels, box or mask (and replace)
-    source: str = "prompt"  # "prompt" (points/box), "segment" (the user's voxels as a mask)
+    source: str = "prompt"  # "prompt" (points/box), "segment" (voxels the user chose), "edit" (an edited slice)
 
     def apply(self, session, obj_id: int):
         return session.add_prompt(obj_id, self.slice_index, **self.kwargs)
