@@ -175,11 +175,23 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
             self.onConnectRemote()
             return
         try:
-            text = describe_capabilities(self.logic.capabilities())
+            capabilities = self.logic.capabilities()
         except MedSAM2ActionError as error:
             self.showStatus(str(error))
             return
-        self.showStatus(f"Connected ({self.logic.connection.kind}).\n{text}")
+        self.showChoices(panel_settings.choices_from_capabilities(capabilities))
+        self.showStatus(f"Connected ({self.logic.connection.kind}).\n{describe_capabilities(capabilities)}")
+
+    def showChoices(self, choices):
+        """Refill the lists with what the backend reports, keeping each current choice where it still exists."""
+        for combo, items in ((self.ui.ctPresetComboBox, choices["ct_presets"]),
+                             (self.ui.precisionComboBox, choices["precisions"])):
+            current = combo.currentText
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(list(items))
+            combo.currentText = current if current in items else items[0]
+            combo.blockSignals(False)
 
     def showStatus(self, text, log=None):
         self.ui.statusLabel.text = text

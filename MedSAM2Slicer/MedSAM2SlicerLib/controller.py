@@ -11,7 +11,12 @@ Decisions:
   the segment over on that axis (the old object is reset).
 - A changed preprocessing is applied to open sessions with `set_preprocessing` (prompts are kept, no re-open).
 - Errors from the backend or geometry become one `MedSAM2ActionError` whose text is the sentence to show. Slices
-  written before a propagation failed stay in the segment, and Undo removes them in one step.
+  written before a propagation failed stay in the segment, and Undo removes them in one step. Only the project's
+  typed errors (and running out of memory) become sentences: anything else is a bug and keeps its traceback.
+- Every action is one undo step, and the model follows undo and redo (see `segment_states`): before each action,
+  each segment's tag names the state it is in, and an engine object that is not in that state is rebuilt by
+  replaying that state's prompts. Slices the user edited since MedSAM2 last wrote them become mask corrections
+  when the segment is propagated again.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import geometry, volume_settings
-from .mrml_io import SliceBatchWriter
+from . import geometry, segment_states, volume_settings
+from .mrml_io import SliceBatchWriter, segment_mask_kji
+from .segment_states import PromptCall, SegmentState
 
 
 class MedSAM2ActionError(Exception):
@@ -43,6 +49,7 @@ class RasPrompt:
     points_ras: np.ndarray | None = None  # (N, 3)
     labels: np.ndarray | None = None  # (N,), 1 positive, 0 negative
     box_corners_ras: np.ndarray | None = None  # (2 or 8, 3)
+    source: str = "prompt"  # "prompt", "segment" (the segment's voxels on the slice) or "edit" (a user's edit)
 
 
 @dataclasses.dataclass
@@ -67,45 +74,68 @@ class PropagationOutcome:
     voxels_written: int  # voxels those writes covered
     cancelled: bool
     least_certain: list[UncertainSlice]
+    edits_taken: dict = dataclasses.field(default_factory=dict)  # segment id -> slices taken as corrections
+    segments: dict = dataclasses.field(default_factory=dict)  # segment id -> slices written (multi-segment)
+
+    def status(self) -> str:
+        """The status line: how much was written, and which of the user's edits were taken as corrections."""
+        parts = [("Cancelled; " if self.cancelled else "") + f"{self.slices_written} slices."]
+        for segment_id, slices in self.edits_taken.items():
+            if slices:
+                where = ", ".join(str(k) for k in slices)
+                parts.append(f"Your edits on slice{'s' if len(slices) > 1 else ''} {where}"
+                             + (f" of {segment_id}" if len(self.edits_taken) > 1 else "")
+                             + " were taken as corrections.")
+        return " ".join(parts)
 
 
-@dataclasses.dataclass
+_END = object()  # sent into a propagation's steps when its current backend run has no more results
+
+
 class PropagationJob:
-    """See `SessionController.begin_propagation`."""
+    """A started propagation, split so a GUI can read the backend off its main thread (see `begin_propagation`).
 
-    controller: "SessionController"
-    volume_node: object
-    writer: SliceBatchWriter
-    run: object  # the backend's propagation: iterable of slice results, with done/planned/summary/cancel()
-    obj_id: int
-    axis: int
+    Iterate `job.run` anywhere (it only reads from the backend); call `apply(result)` for each result, then
+    `finish()`, on the main thread (MRML writes). `finish()` returns None when another backend run follows (segments
+    on another axis): iterate the new `job.run` the same way. `failure(error)` ends the job with the sentence to show.
+    """
+
+    def __init__(self, steps):
+        self._steps = steps
+        self.run = next(steps)  # the first run; everything before it (undo state, edits) ran here, on this thread
 
     def apply(self, result) -> None:
-        """Queue one slice result for writing (main thread); writes when its batch is due."""
-        self.writer.add(result.slice_index, result.mask)
+        self._steps.send(result)
 
-    def finish(self) -> PropagationOutcome:
-        """Write what is pending and report; ends the job."""
-        self.controller._run = None
-        with _as_action_error("Propagation", lambda: self.controller._flush_and_count(self.writer)):
-            self.writer.flush()
-        writer, axis, volume_node = self.writer, self.axis, self.volume_node
-        ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
-        ranked = self.run.summary.least_certain.get(self.obj_id, [])
-        return PropagationOutcome(len(writer.slices_written), writer.write_count, writer.voxels_written,
-                                  bool(self.run.summary.cancelled),
-                                  [UncertainSlice(k, iou, _slice_center_ras(ijk_to_ras, volume_node, axis, k))
-                                   for k, iou in ranked])
+    def finish(self) -> PropagationOutcome | None:
+        try:
+            self.run = self._steps.send(_END)
+        except StopIteration as stop:
+            return stop.value
+        return None
 
     def failure(self, error: BaseException) -> MedSAM2ActionError:
-        """The error to show for `error` (raised by the backend or a write); what already arrived is written
-        first. Ends the job."""
-        self.controller._run = None
+        """The action error for `error` (raised by the backend or a write), after writing what already arrived.
+        An error that is not one of the project's typed errors is a bug: it propagates with its traceback."""
         try:
-            with _as_action_error("Propagation", lambda: self.controller._flush_and_count(self.writer)):
-                raise error
+            self._steps.throw(error)
         except MedSAM2ActionError as action_error:
             return action_error
+        raise RuntimeError("a propagation went on after an error")  # unreachable: the steps re-raise it
+
+
+def _drive(steps) -> PropagationOutcome:
+    """Run a propagation's steps to the end on this thread (the console's synchronous path)."""
+    job = PropagationJob(steps)
+    while True:
+        try:
+            for result in job.run:
+                job.apply(result)
+        except Exception as error:  # the backend failed: the steps turn it into the sentence (or re-raise a bug)
+            raise job.failure(error) from error
+        outcome = job.finish()
+        if outcome is not None:
+            return outcome
 
 
 @dataclasses.dataclass
@@ -115,35 +145,77 @@ class _OpenSession:
     session: object
     preprocessing: object
     next_obj_id: int = 1
-    obj_ids: dict = dataclasses.field(default_factory=dict)  # segment id -> object id
+    obj_ids: dict = dataclasses.field(default_factory=dict)  # (segmentation id, segment id) -> object id
+
+
+def _user_errors() -> tuple[type, ...]:
+    """The project's typed errors: each carries a sentence for the user (an engine is optional on this side)."""
+    from medsam2_client.errors import MedSAM2Error
+    from medsam2_client.wire import WireFormatError
+
+    from .local_backend import LocalServerError
+
+    types = [geometry.GeometryError, MedSAM2Error, WireFormatError, LocalServerError]
+    try:
+        from medsam2_backend.engine.errors import EngineInputError
+    except ImportError:  # a Slicer that only talks to a remote server has no engine
+        pass
+    else:
+        types.append(EngineInputError)
+    return tuple(types)
+
+
+OUT_OF_MEMORY = ("the backend ran out of memory; limit the slice range, choose bf16, or use a computer with more "
+                 "(GPU) memory")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's OutOfMemoryError (recognised by name: this side never imports torch)."""
+    return isinstance(exc, MemoryError) or any(t.__name__ == "OutOfMemoryError" for t in type(exc).__mro__)
 
 
 @contextlib.contextmanager
 def _as_action_error(what: str, written: Callable[[], int] = lambda: 0):
-    """Turn whatever the backend or geometry raised into the one error type the GUI and console show."""
+    """Turn the project's typed errors (and out-of-memory) into the one error type the GUI and console show;
+    anything else is a bug and propagates with its traceback."""
     try:
         yield
     except MedSAM2ActionError:
         raise
     except Exception as exc:  # re-raised typed, with the cause chained: never swallowed
+        if not (_out_of_memory(exc) or isinstance(exc, _user_errors())):
+            raise
         n = written()
         kept = f" The {n} slice(s) written before the error stay; Undo removes them in one step." if n else ""
-        reason = str(exc).rstrip(".") or type(exc).__name__
+        reason = OUT_OF_MEMORY if _out_of_memory(exc) else (str(exc).rstrip(".") or type(exc).__name__)
         raise MedSAM2ActionError(f"{what} failed: {reason}.{kept}", n) from exc
 
 
+@dataclasses.dataclass
+class _Action:
+    """What one user action changed: per segment its new (axis, calls, prompts), and the writers it used."""
+
+    changes: dict = dataclasses.field(default_factory=dict)
+    writers: list = dataclasses.field(default_factory=list)
+    accepted: list = dataclasses.field(default_factory=list)  # (axis, first, last) of slices taken as the user drew
+
+    def change(self, segment_id: str, axis, calls, prompts) -> None:
+        self.changes[segment_id] = (axis, tuple(calls), tuple(prompts))
+
+
 class SessionController:
-    """Holds the backend sessions and per-segment prompts; converts RAS prompts and writes results."""
+    """Holds the backend sessions and per-segment model states; converts RAS prompts and writes results."""
 
     def __init__(self, backend, preprocessing=None):
         self.backend = backend
         self.preprocessing = preprocessing
         self._sessions: dict[tuple[str, int], _OpenSession] = {}
-        self._segment_axis: dict[tuple[str, str], int] = {}  # (volume id, segment id) -> axis of its object
-        self._prompts: dict[tuple[str, str], list[RasPrompt]] = {}
+        self._book = segment_states.StateBook()
+        # (segmentation id, segment id) -> the state the segment's engine object is in now
+        self._live: dict[tuple[str, str], SegmentState] = {}
         self._fingerprints: dict[str, tuple[int, str]] = {}  # volume id -> (image MTime, fingerprint)
         self._run = None
-        # (volume id, segment id) -> the options of its last completed propagation (removing a prompt redoes it)
+        # (volume id, segment id) -> the options of its last propagation (removing a prompt redoes it)
         self.last_propagation: dict[tuple[str, str], dict] = {}
 
     # ---- user actions -----------------------------------------------------------------------------------------
@@ -156,7 +228,6 @@ class SessionController:
             ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
             choice = geometry.choose_propagation_axis(ijk_to_ras, geometry.view_slice_to_ras(
                 "axial" if slice_to_ras is None else slice_to_ras))
-            entry = self._session_for(volume_node, choice.axis)
             shape = _shape_kji(volume_node)
             kwargs, slice_index = {}, None
             if box_corners_ras is not None:
@@ -170,58 +241,123 @@ class SessionController:
                     raise MedSAM2ActionError(f"The box is on slice {slice_index} and the points on slice "
                                              f"{point_slice}; place them on the same slice.")
                 slice_index = point_slice
-            obj_id = self._object_for(volume_node, entry, segment_id)
-            result = entry.session.add_prompt(obj_id, slice_index, **kwargs)
-            writer = self._writer(volume_node, target, segment_id, choice.axis)
-            writer.add(result.slice_index, result.mask)
-            writer.flush()
-        self._prompts.setdefault((volume_node.GetID(), segment_id), []).append(RasPrompt(
-            slice_index, choice.axis,
-            None if points_ras is None else np.asarray(points_ras, float),
-            None if points_ras is None else kwargs["labels"],
-            None if box_corners_ras is None else np.asarray(box_corners_ras, float)))
+            record = RasPrompt(slice_index, choice.axis,
+                               None if points_ras is None else np.asarray(points_ras, float),
+                               None if points_ras is None else kwargs["labels"],
+                               None if box_corners_ras is None else np.asarray(box_corners_ras, float))
+            result = self._prompt(volume_node, target, segment_id, choice.axis,
+                                  PromptCall(slice_index, kwargs), record)
         return PromptOutcome(slice_index, choice.axis, int(np.count_nonzero(result.mask)), choice.warning)
+
+    def prompt_from_segment(self, volume_node, target, segment_id: str, slice_to_ras=None) -> PromptOutcome:
+        """Use the segment's own voxels on the slice a view shows as a mask prompt (a first prompt or a
+        correction). The voxels stay as they are: they are the user's."""
+        with _as_action_error("Using the segment as the prompt"):
+            ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
+            view = geometry.view_slice_to_ras("axial" if slice_to_ras is None else slice_to_ras)
+            choice = geometry.choose_propagation_axis(ijk_to_ras, view)
+            shape = _shape_kji(volume_node)
+            slice_index = geometry.view_slice_index(view, ijk_to_ras, choice.axis, shape)
+            mask = np.take(segment_mask_kji(target.segmentation_node, segment_id, volume_node), slice_index,
+                           axis=choice.axis)
+            live = self._live_state(volume_node, target, segment_id)
+            if not mask.any() and (live is None or live.axis != choice.axis):
+                raise MedSAM2ActionError(f"The segment has no voxels on slice {slice_index}; paint it there first, "
+                                         "or place a point or a box.")
+            self._prompt(volume_node, target, segment_id, choice.axis,
+                         PromptCall(slice_index, {"mask": mask}, "segment"),
+                         RasPrompt(slice_index, choice.axis, source="segment"), write=False)
+        return PromptOutcome(slice_index, choice.axis, int(np.count_nonzero(mask)), choice.warning)
 
     def propagate(self, volume_node, target, segment_id: str, *, direction: str = "both", start=None, stop=None,
                   stop_after_empty=None, postprocess: Sequence[str] = (),
                   progress: Callable[[int, int], None] | None = None) -> PropagationOutcome:
         """Propagate a segment's prompts through the volume, streaming slices into the segment (one undo step).
 
-        `progress(done, planned)` is called after each slice; `cancel()` (e.g. from that callback) stops between
-        slices, keeping what was written.
+        Slices the user edited since MedSAM2 last wrote them are first given to the model as mask corrections
+        (`edits_taken`), and are not overwritten. `progress(done, planned)` is called after each slice;
+        `cancel()` (e.g. from that callback) stops between slices, keeping what was written.
         """
-        job = self.begin_propagation(volume_node, target, segment_id, direction=direction, start=start, stop=stop,
-                                     stop_after_empty=stop_after_empty, postprocess=postprocess)
-        try:
-            for result in job.run:
-                job.apply(result)
-                if progress is not None:
-                    progress(job.run.done, job.run.planned)
-        except Exception as error:
-            raise job.failure(error)  # chained to `error` inside failure()
-        return job.finish()
+        return self.propagate_segments(volume_node, target, [segment_id], direction=direction, start=start,
+                                       stop=stop, stop_after_empty=stop_after_empty, postprocess=postprocess,
+                                       progress=progress)
 
-    def begin_propagation(self, volume_node, target, segment_id: str, *, direction: str = "both", start=None,
-                          stop=None, stop_after_empty=None, postprocess: Sequence[str] = ()) -> PropagationJob:
-        """A started propagation split in three, so a GUI can read the backend off its main thread: iterate
-        `job.run` anywhere (it only reads from the backend), `job.apply` each result on the main thread (MRML
-        writes), then `job.finish()` (or `job.failure(error)`). `propagate` is these steps in one loop."""
-        axis = self._segment_axis.get((volume_node.GetID(), segment_id))
-        if axis is None:
-            raise MedSAM2ActionError("Place a point or a box for this segment before propagating.")
-        writer = self._writer(volume_node, target, segment_id, axis)
-        with _as_action_error("Propagation"):
-            entry = self._session_for(volume_node, axis)
-            obj_id = entry.obj_ids.get(segment_id)
-            if obj_id is None:  # the volume changed since the prompt: its session is gone
-                raise MedSAM2ActionError("The volume changed since the last prompt; place a prompt again.")
-            run = entry.session.propagate([obj_id], direction=direction, start=start, stop=stop,
-                                          stop_after_empty=stop_after_empty, postprocess=tuple(postprocess))
-        self._run = run
-        self.last_propagation[(volume_node.GetID(), segment_id)] = dict(
+    def propagated_segments(self, volume_node, target) -> list[str]:
+        """The segmentation's segments that have MedSAM2 prompts on this volume (in the segmentation's order)."""
+        self._sync(volume_node, target)
+        node = target.segmentation_node
+        return [s for s in _segment_ids(node) if (live := self._live.get((node.GetID(), s))) is not None
+                and live.axis is not None and live.volume_id == volume_node.GetID()]
+
+    def propagate_segments(self, volume_node, target, segment_ids: Sequence[str], *, direction: str = "both",
+                           start=None, stop=None, stop_after_empty=None, postprocess: Sequence[str] = (),
+                           progress: Callable[[int, int], None] | None = None) -> PropagationOutcome:
+        """Propagate several segments together: one engine propagation per axis (each slice encoded once for all
+        of them), one writer, one undo step. Options as `propagate`."""
+        return _drive(self._propagation_steps(volume_node, target, segment_ids, dict(
             direction=direction, start=start, stop=stop, stop_after_empty=stop_after_empty,
-            postprocess=tuple(postprocess))
-        return PropagationJob(self, volume_node, writer, run, obj_id, axis)
+            postprocess=tuple(postprocess)), progress))
+
+    def begin_propagation(self, volume_node, target, segment_ids: Sequence[str], *, direction: str = "both",
+                          start=None, stop=None, stop_after_empty=None, postprocess: Sequence[str] = ()
+                          ) -> PropagationJob:
+        """`propagate_segments` as a `PropagationJob`, for a GUI that reads the backend on a worker thread."""
+        return PropagationJob(self._propagation_steps(volume_node, target, segment_ids, dict(
+            direction=direction, start=start, stop=stop, stop_after_empty=stop_after_empty,
+            postprocess=tuple(postprocess)), None))
+
+    def _propagation_steps(self, volume_node, target, segment_ids: Sequence[str], options: dict, progress):
+        """The one propagation path, as a generator: it yields each backend run, is sent that run's results one
+        by one (then `_END`), writes them, and returns the outcome. Whoever drives it decides where runs are read."""
+        writers: list[SliceBatchWriter] = []
+        with _as_action_error("Propagation", lambda: sum(len(w.slices_written) for w in writers)):
+            with self._action(volume_node, target) as action:
+                writers = action.writers
+                groups = self._group_by_axis(volume_node, target, segment_ids)
+                for segment_id in segment_ids:
+                    self.last_propagation[(volume_node.GetID(), segment_id)] = dict(options)
+                edits, ranked, cancelled, done_before, planned_before = {}, {}, False, 0, 0
+                for axis, segments in groups.items():
+                    entry = self._session_for(volume_node, axis)
+                    by_obj = {}
+                    for segment_id in segments:
+                        obj_id = entry.obj_ids.get((target.segmentation_node.GetID(), segment_id))
+                        if obj_id is None:  # the volume changed since the prompt: its session is gone
+                            raise MedSAM2ActionError("The volume changed since the last prompt; place a prompt "
+                                                     "again.")
+                        by_obj[obj_id] = segment_id
+                        edits[segment_id] = self._take_edits(volume_node, target, entry, segment_id, obj_id,
+                                                             action)
+                    writer = self._writer(volume_node, target, None, axis)
+                    action.writers.append(writer)
+                    run = entry.session.propagate(list(by_obj), **options)
+                    self._run = run
+                    try:
+                        while (result := (yield run)) is not _END:
+                            segment_id = by_obj[result.obj_id]
+                            if result.slice_index not in edits[segment_id]:  # the user's edits stay as drawn
+                                writer.add(result.slice_index, result.mask, segment_id)
+                            if progress is not None:
+                                progress(done_before + run.done, planned_before + run.planned)
+                    finally:
+                        self._run = None
+                    writer.flush()
+                    done_before, planned_before = done_before + run.done, planned_before + run.planned
+                    ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
+                    for obj_id, segment_id in by_obj.items():
+                        ranked[segment_id] = [
+                            UncertainSlice(k, iou, _slice_center_ras(ijk_to_ras, volume_node, axis, k))
+                            for k, iou in run.summary.least_certain.get(obj_id, [])]
+                    if run.summary.cancelled:
+                        cancelled = True
+                        break
+        least_certain = sorted((u for slices in ranked.values() for u in slices), key=lambda u: u.iou)[:5]
+        return PropagationOutcome(
+            len(set().union(*(w.slices_written for w in writers))), sum(w.write_count for w in writers),
+            sum(w.voxels_written for w in writers), cancelled, least_certain,
+            edits_taken={s: sorted(k) for s, k in edits.items()},
+            segments={s: sorted(set().union(*(w.written_by_segment.get(s, set()) for w in writers)))
+                      for s in segment_ids})
 
     def cancel(self) -> None:
         """Stop the running propagation between two slices (safe to call from its progress callback)."""
@@ -232,42 +368,39 @@ class SessionController:
         """Use this intensity preprocessing from the next action on (open sessions keep their prompts)."""
         self.preprocessing = preprocessing
 
-    def prompts(self, volume_node, segment_id: str) -> list[RasPrompt]:
-        return list(self._prompts.get((volume_node.GetID(), segment_id), []))
+    def prompts(self, volume_node, segment_id: str, target=None) -> list[RasPrompt]:
+        """A segment's prompts as placed (of the segmentation `target` writes to; without it, of any)."""
+        if target is not None:
+            live = self._live_state(volume_node, target, segment_id)
+            return list(live.prompts) if live is not None and live.axis is not None else []
+        for (_, seg), live in self._live.items():
+            if seg == segment_id and live.volume_id == volume_node.GetID() and live.axis is not None:
+                return list(live.prompts)
+        return []
 
-    def reset_segment(self, volume_node, segment_id: str) -> None:
-        """Forget a segment's prompts and object (its voxels stay: they are the user's to erase or undo)."""
-        key = (volume_node.GetID(), segment_id)
-        axis = self._segment_axis.pop(key, None)
-        self._prompts.pop(key, None)
-        self.last_propagation.pop(key, None)
-        entry = self._sessions.get((volume_node.GetID(), axis))
-        if entry is not None and segment_id in entry.obj_ids:
-            with _as_action_error("Resetting the segment"):
-                entry.session.reset_object(entry.obj_ids.pop(segment_id))
+    def reset_segment(self, volume_node, target, segment_id: str) -> None:
+        """Forget a segment's prompts and object (its voxels stay: they are the user's to erase or undo).
+        One undo step: Undo brings the prompts back."""
+        with _as_action_error("Resetting the segment"):
+            with self._action(volume_node, target) as action:
+                live = self._live.get((target.segmentation_node.GetID(), segment_id))
+                if live is not None:
+                    self._drop_object((target.segmentation_node.GetID(), segment_id), live)
+                action.change(segment_id, None, (), ())
+        self.last_propagation.pop((volume_node.GetID(), segment_id), None)
 
     def close(self) -> None:
         """Close every backend session (frees server memory): all are tried, the first failure is raised after."""
-        sessions, self._sessions = self._sessions, {}
-        self._segment_axis.clear()
-        self._prompts.clear()
-        failure = None
-        for entry in sessions.values():
-            try:
-                with _as_action_error("Closing the session"):
-                    entry.session.close()
-            except MedSAM2ActionError as error:
-                failure = failure or error
-        if failure is not None:
-            raise failure
+        self.forget_volume(None)
+        self._book.clear()
 
     def session_opener(self, volume_node, slice_to_ras=None, upload_progress=None) -> Callable[[], None] | None:
         """The slow part of a first prompt on a volume (upload and open), for a GUI to run on a worker thread.
 
         None when the session for the view's axis is open already; else a callable that touches no MRML (the
         voxels are copied here, on the main thread) and opens it, so that `add_prompt` then finds it open.
-        `upload_progress(fraction)` is passed to a backend whose `open_session` takes it (the network client of a
-        newer release may; checked, not assumed), and is called on the worker thread.
+        `upload_progress(fraction)` is passed to a backend whose `open_session` takes it (the network client
+        does; the in-process adapter may not: checked, not assumed), and is called on the worker thread.
         """
         import inspect
 
@@ -279,7 +412,7 @@ class SessionController:
             if entry is not None and entry.fingerprint == fingerprint:
                 return None
             if entry is not None:
-                self._drop_session(volume_node, key)
+                self._drop_session(key)
             volume, spacing = geometry.volume_array_kji(volume_node), geometry.spacing_kji(volume_node)
             preprocessing = volume_settings.preprocessing_for(volume_node, self.preprocessing)
         extra = {}
@@ -296,18 +429,20 @@ class SessionController:
         return open_session
 
     def forget_volume(self, volume_id: str | None = None) -> None:
-        """Drop what is known of a volume (every volume when None): its sessions (closed), prompts, fingerprint.
+        """Drop what is known of a volume (every volume when None): its sessions (closed), states, fingerprint.
 
         For a node that left the scene: MRML reuses node ids after Close Scene, so a volume loaded later under the
         same id must not inherit these. All sessions are tried; the first failure to close is raised after.
         """
-        def gone(key):
-            return volume_id is None or key[0] == volume_id
+        def gone(vid):
+            return volume_id is None or vid == volume_id
 
-        for table in (self._segment_axis, self._prompts, self._fingerprints):
-            for key in [k for k in table if gone((k,) if isinstance(k, str) else k)]:
+        for key in [k for k, state in self._live.items() if gone(state.volume_id)]:
+            del self._live[key]
+        for table in (self._fingerprints, self.last_propagation):
+            for key in [k for k in table if gone(k if isinstance(k, str) else k[0])]:
                 del table[key]
-        sessions = [self._sessions.pop(key) for key in [k for k in self._sessions if gone(k)]]
+        sessions = [self._sessions.pop(key) for key in [k for k in self._sessions if gone(k[0])]]
         failure = None
         for entry in sessions:
             try:
@@ -333,12 +468,140 @@ class SessionController:
         self._fingerprints[volume_node.GetID()] = (mtime, digest)
         return digest
 
+    def _prompt(self, volume_node, target, segment_id: str, axis: int, call: PromptCall, record: RasPrompt,
+                write: bool = True):
+        """One prompt call as one action: the segment's object (started over on a new axis) gets `call`."""
+        with self._action(volume_node, target) as action:
+            key = (target.segmentation_node.GetID(), segment_id)
+            entry = self._session_for(volume_node, axis)
+            live = self._live.get(key)
+            base = live if live is not None and live.axis == axis and key in entry.obj_ids else None
+            if live is not None and base is None:
+                self._drop_object(key, live)  # a segment prompted on another axis starts over on this one
+            obj_id = self._object_id(entry, key)
+            result = call.apply(entry.session, obj_id)
+            action.change(segment_id, axis, (base.calls if base else ()) + (call,),
+                          (base.prompts if base else ()) + (record,))
+            if not write:  # the user's voxels are the prompt: they are now what MedSAM2 knows of that slice
+                action.accepted.append((axis, call.slice_index, call.slice_index))
+            else:
+                writer = self._writer(volume_node, target, segment_id, axis)
+                action.writers.append(writer)
+                writer.add(result.slice_index, result.mask)
+                writer.flush()
+        return result
+
+    @contextlib.contextmanager
+    def _action(self, volume_node, target):
+        """One user action: bring the engine to the state undo/redo left the segments in, save the undo state,
+        run; then record the new states and tag the segments (the tag makes even a no-op its own undo step)."""
+        self._sync(volume_node, target)
+        target.save_state_for_undo()
+        action = _Action()
+        try:
+            yield action
+        finally:
+            try:
+                for writer in action.writers:
+                    writer.flush()  # on an error, still write what arrived: the segment shows all the backend sent
+            finally:
+                if action.changes or action.accepted or any(w.slabs for w in action.writers):
+                    self._commit(volume_node, target, action)
+
+    def _commit(self, volume_node, target, action: _Action) -> None:
+        node, volume_id = target.segmentation_node, volume_node.GetID()
+        slabs = [slab for writer in action.writers for slab in writer.slabs] + action.accepted
+        fingerprint = self.fingerprint(volume_node)
+        for segment_id in _segment_ids(node):
+            key = (node.GetID(), segment_id)
+            live = self._live.get(key)
+            same_volume = live is not None and (live.volume_id, live.fingerprint) == (volume_id, fingerprint)
+            if segment_id in action.changes:
+                axis, calls, prompts = action.changes[segment_id]
+            elif same_volume and slabs:  # another segment's write may have overwritten this one's voxels
+                axis, calls, prompts = live.axis, live.calls, live.prompts
+            else:
+                continue
+            current = segment_mask_kji(node, segment_id, volume_node)
+            written = segment_states.refreshed(live.written_mask(), current, slabs) if same_volume else current
+            state = SegmentState(volume_id, axis, calls, prompts, current.shape, segment_states.pack(written),
+                                 fingerprint)
+            self._live[key] = state
+            segment_states.write_token(node, segment_id, self._book.file(state))
+
+    def _sync(self, volume_node, target) -> None:
+        """Make every segment's engine object match the state its tag names (after undo/redo: replay)."""
+        node = target.segmentation_node
+        fingerprint = None
+        for segment_id in _segment_ids(node):
+            key = (node.GetID(), segment_id)
+            wanted = self._book.get(segment_states.read_token(node, segment_id))
+            live = self._live.get(key)
+            if wanted is live:
+                continue
+            if segment_states.same_object(wanted, live):
+                self._set_live(key, wanted)
+                continue
+            if live is not None and live.axis is not None:
+                self._drop_object(key, live)
+            self._set_live(key, None)
+            if fingerprint is None:
+                fingerprint = self.fingerprint(volume_node)
+            if wanted is None or wanted.axis is None or (wanted.volume_id, wanted.fingerprint) != (
+                    volume_node.GetID(), fingerprint):
+                self._set_live(key, wanted if wanted is not None and wanted.axis is None else None)
+                continue
+            entry = self._session_for(volume_node, wanted.axis)
+            obj_id = self._object_id(entry, key)
+            for call in wanted.calls:
+                call.apply(entry.session, obj_id)
+            self._set_live(key, wanted)
+
+    def _set_live(self, key, state: SegmentState | None) -> None:
+        if state is None:
+            self._live.pop(key, None)
+        else:
+            self._live[key] = state
+
+    def _live_state(self, volume_node, target, segment_id: str) -> SegmentState | None:
+        self._sync(volume_node, target)
+        return self._live.get((target.segmentation_node.GetID(), segment_id))
+
+    def _group_by_axis(self, volume_node, target, segment_ids) -> dict[int, list[str]]:
+        groups: dict[int, list[str]] = {}
+        for segment_id in segment_ids:
+            live = self._live.get((target.segmentation_node.GetID(), segment_id))
+            if live is None or live.axis is None or live.volume_id != volume_node.GetID():
+                name = "this segment" if len(segment_ids) == 1 else f"segment {segment_id!r}"
+                raise MedSAM2ActionError(f"Place a point or a box for {name} before propagating.")
+            groups.setdefault(live.axis, []).append(segment_id)
+        if not groups:
+            raise MedSAM2ActionError("No segment of this segmentation has a MedSAM2 prompt yet.")
+        return groups
+
+    def _take_edits(self, volume_node, target, entry: _OpenSession, segment_id: str, obj_id: int,
+                    action: _Action) -> set[int]:
+        """Give the model, as mask corrections, the slices the user changed since MedSAM2 last wrote them."""
+        live = self._live[(target.segmentation_node.GetID(), segment_id)]
+        current = segment_mask_kji(target.segmentation_node, segment_id, volume_node)
+        edited = segment_states.edited_slices(live.written_mask(), current, live.axis)
+        calls, prompts = list(live.calls), list(live.prompts)
+        for k in edited:
+            call = PromptCall(k, {"mask": np.take(current, k, axis=live.axis)}, "edit")
+            call.apply(entry.session, obj_id)
+            calls.append(call)
+            prompts.append(RasPrompt(k, live.axis, source="edit"))
+            action.accepted.append((live.axis, k, k))
+        if edited:
+            action.change(segment_id, live.axis, calls, prompts)
+        return set(edited)
+
     def _session_for(self, volume_node, axis: int) -> _OpenSession:
         key = (volume_node.GetID(), axis)
         fingerprint = self.fingerprint(volume_node)
         entry = self._sessions.get(key)
         if entry is not None and entry.fingerprint != fingerprint:
-            self._drop_session(volume_node, key)
+            self._drop_session(key)
             entry = None
         preprocessing = volume_settings.preprocessing_for(volume_node, self.preprocessing)  # its own, else ours
         if entry is None:
@@ -351,38 +614,35 @@ class SessionController:
             entry.preprocessing = preprocessing
         return entry
 
-    def _drop_session(self, volume_node, key) -> None:
+    def _drop_session(self, key) -> None:
+        """A changed volume: its session closes and its segments' objects are gone (their prompts are not
+        replayed on other voxels)."""
         entry = self._sessions.pop(key)
-        for segment_id in entry.obj_ids:
-            self._segment_axis.pop((volume_node.GetID(), segment_id), None)
-            self._prompts.pop((volume_node.GetID(), segment_id), None)
+        for segment_key in entry.obj_ids:
+            self._live.pop(segment_key, None)
         entry.session.close()
 
-    def _object_for(self, volume_node, entry: _OpenSession, segment_id: str) -> int:
-        """The segment's object id on this session; a segment that moves to another axis starts over there."""
-        key = (volume_node.GetID(), segment_id)
-        previous_axis = self._segment_axis.get(key)
-        if previous_axis is not None and previous_axis != entry.axis:
-            old = self._sessions.get((volume_node.GetID(), previous_axis))
-            if old is not None and segment_id in old.obj_ids:
-                old.session.reset_object(old.obj_ids.pop(segment_id))
-            self._prompts.pop(key, None)
-        self._segment_axis[key] = entry.axis
-        if segment_id not in entry.obj_ids:
-            entry.obj_ids[segment_id] = entry.next_obj_id
+    def _drop_object(self, key, state: SegmentState) -> None:
+        entry = self._sessions.get((state.volume_id, state.axis))
+        if entry is not None and key in entry.obj_ids:
+            entry.session.reset_object(entry.obj_ids.pop(key))
+
+    @staticmethod
+    def _object_id(entry: _OpenSession, key) -> int:
+        if key not in entry.obj_ids:
+            entry.obj_ids[key] = entry.next_obj_id
             entry.next_obj_id += 1
-        return entry.obj_ids[segment_id]
+        return entry.obj_ids[key]
 
     @staticmethod
-    def _writer(volume_node, target, segment_id: str, axis: int) -> SliceBatchWriter:
+    def _writer(volume_node, target, segment_id: str | None, axis: int) -> SliceBatchWriter:
         ijk_to_local = geometry.ijk_to_node_local(volume_node, target.segmentation_node)
-        return SliceBatchWriter(target, segment_id, ijk_to_local, _shape_kji(volume_node), axis)
+        return SliceBatchWriter(target, segment_id, ijk_to_local, _shape_kji(volume_node), axis,
+                                reference=target.reference_geometry())
 
-    @staticmethod
-    def _flush_and_count(writer: SliceBatchWriter) -> int:
-        """On an error, still write what already arrived, so the segment shows everything the backend sent."""
-        writer.flush()
-        return len(writer.slices_written)
+
+def _segment_ids(segmentation_node) -> list[str]:
+    return list(segmentation_node.GetSegmentation().GetSegmentIDs())
 
 
 def _shape_kji(volume_node) -> tuple[int, int, int]:

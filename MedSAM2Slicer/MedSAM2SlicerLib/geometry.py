@@ -73,3 +73,23 @@ def roi_corners_ras(roi_node) -> np.ndarray:
     object_to_world = _array_from_vtk_matrix(roi_node.GetObjectToWorldMatrix())
     signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float)
     return ijk_to_ras(signs * np.asarray(radius), object_to_world)
+
+
+def view_slice_index(slice_to_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: int, shape_kji) -> int:
+    """The volume slice (along K,J,I axis `axis`) that a view shows: where the view plane meets the line through
+    the volume's centre along that axis (so a panned view still names its slice). Refuses a plane off the volume."""
+    slice_to_ras = np.asarray(slice_to_ras, float)
+    origin, normal = slice_to_ras[:3, 3], slice_to_ras[:3, 2] / np.linalg.norm(slice_to_ras[:3, 2])
+    center_kji = (np.asarray(shape_kji, float) - 1) / 2
+    center = (ijk_to_ras @ np.r_[center_kji[::-1], 1.0])[:3]
+    step_kji = np.zeros(3)
+    step_kji[axis] = 1.0
+    step = ijk_to_ras[:3, :3] @ step_kji[::-1]  # RAS per slice along the axis
+    along = float(normal @ step)
+    if abs(along) < 1e-9:
+        raise GeometryError("The view is parallel to the propagation axis; use a view across the slices.")
+    k = center_kji[axis] + float(normal @ (origin - center)) / along
+    index = int(np.floor(k + 0.5))
+    if not 0 <= index < shape_kji[axis]:
+        raise GeometryError(f"The view shows no slice of the volume (slice {index} of 0..{shape_kji[axis] - 1}).")
+    return index

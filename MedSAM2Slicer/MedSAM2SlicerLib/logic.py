@@ -11,6 +11,7 @@ The panel and the effect use the same instance (`shared_logic()`), so a connecti
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import slicer
@@ -18,7 +19,7 @@ import vtk
 
 from . import geometry
 from .background import ActionGuard
-from .controller import MedSAM2ActionError, PropagationOutcome, SessionController
+from .controller import MedSAM2ActionError, PromptOutcome, PropagationOutcome, SessionController
 from .local_backend import LocalServer, LocalServerError
 from .mrml_io import EditorLogicTarget
 
@@ -37,6 +38,45 @@ class InProcessBackend:
                      fingerprint: str | None = None):
         """`fingerprint` only matters to a server (it skips re-uploads); in process there is nothing to skip."""
         return self.engine.open_session(volume_kji, spacing_kji, axis, preprocessing)
+
+
+logger = logging.getLogger(__name__)
+
+
+class SegmentOutcome(str):
+    """What `segment` returns: the segment id (a `str`, as it always was), carrying what else the user must know:
+    `warnings` (an oblique view, random weights), the `prompt` outcome and the `propagation` outcome (or None)."""
+
+    prompt: PromptOutcome
+    propagation: PropagationOutcome | None
+    warnings: list
+
+    def __new__(cls, segment_id: str, prompt: PromptOutcome, propagation: PropagationOutcome | None,
+                warnings: list):
+        outcome = super().__new__(cls, segment_id)
+        outcome.prompt, outcome.propagation, outcome.warnings = prompt, propagation, list(warnings)
+        return outcome
+
+
+def open_segment_editor(segmentation_node):
+    """The app's Segment Editor widget while it edits this segmentation, else None (always None headless).
+
+    Assumes Slicer 5.10's Segment Editor module (`Modules/Scripted/SegmentEditor/SegmentEditor.py`): its widget's
+    `editor` is the `qMRMLSegmentEditorWidget`, whose public slots `saveStateForUndo()`, `undo()` and `redo()`
+    drive the history that Ctrl+Z and the editor's Undo/Redo buttons use.
+    """
+    module = getattr(getattr(slicer, "modules", None), "segmenteditor", None)
+    representation = module.widgetRepresentation() if module is not None else None
+    editor = getattr(representation.self(), "editor", None) if representation is not None else None
+    if editor is None:
+        return None
+    node = editor.segmentationNode()
+    return editor if node is not None and node.GetID() == segmentation_node.GetID() else None
+
+
+# The editor settings a console write takes from an open Segment Editor, so it honours what the user sees there.
+EDITOR_SETTINGS = ("MaskMode", "MaskSegmentID", "OverwriteMode", "SourceVolumeIntensityMask",
+                   "SourceVolumeIntensityMaskRange")
 
 
 @dataclasses.dataclass
@@ -74,6 +114,7 @@ class MedSAM2SlicerLogic:
         self.connection: ConnectionInfo | None = None
         self.preprocessing: dict | None = None
         self._targets: dict[str, EditorLogicTarget] = {}  # segmentation node id -> its undo history
+        self._warning: str | None = None  # the backend's warning, once asked ("" when it has none)
         self.local_server: LocalServer | None = None
         self.guard = ActionGuard()  # the GUI's one-action-at-a-time (the console API does not use it)
 
@@ -97,6 +138,7 @@ class MedSAM2SlicerLogic:
         else:
             backend, info = InProcessBackend(engine), ConnectionInfo("in-process", type(engine).__name__)
         self.close()
+        self._warning = None
         self.controller = SessionController(backend, self.preprocessing)
         self.connection = info
         return info
@@ -141,7 +183,8 @@ class MedSAM2SlicerLogic:
         corners, whose bounding rectangle on the slice is the box; or an ROI node) and optionally propagate.
 
         `view` is the view the prompt belongs to ('axial', 'sagittal', 'coronal' or a 4x4 slice-to-RAS); it
-        picks the propagation axis. Returns the id of the segment written (created when `segment_id` is None).
+        picks the propagation axis. Returns the id of the segment written (created when `segment_id` is None), as
+        a `SegmentOutcome`: a `str` that also carries `warnings` (logged too), `prompt` and `propagation`.
         """
         controller = self._require_controller()
         target = self.target_for(segmentation_node, volume_node)
@@ -153,26 +196,86 @@ class MedSAM2SlicerLogic:
             box_ras = geometry.roi_corners_ras(roi_node)
         elif box_ras is not None:  # two corners of a rectangle in the view, not in the volume's grid
             box_ras = geometry.view_rectangle_corners(box_ras, geometry.view_slice_to_ras(view))
-        controller.add_prompt(volume_node, target, segment_id, points_ras=points_ras, labels=labels,
-                              box_corners_ras=box_ras, slice_to_ras=geometry.view_slice_to_ras(view))
+        prompt = controller.add_prompt(volume_node, target, segment_id, points_ras=points_ras, labels=labels,
+                                       box_corners_ras=box_ras, slice_to_ras=geometry.view_slice_to_ras(view))
+        warnings = [w for w in (prompt.axis_warning, self.backend_warning()) if w]
+        for warning in warnings:
+            logger.warning("MedSAM2: %s", warning)
+        propagation = None
         if propagate:
-            self.propagate(volume_node, segmentation_node, segment_id, direction=direction, start=start,
-                           stop=stop, stop_after_empty=stop_after_empty, postprocess=postprocess, progress=progress)
-        return segment_id
+            propagation = self.propagate(volume_node, segmentation_node, segment_id, direction=direction,
+                                         start=start, stop=stop, stop_after_empty=stop_after_empty,
+                                         postprocess=postprocess, progress=progress)
+        return SegmentOutcome(segment_id, prompt, propagation, warnings)
+
+    def prompt_from_segment(self, volume_node, segmentation_node, segment_id: str, *, view="axial",
+                            propagate: bool = False, **options) -> PromptOutcome:
+        """Use the segment's voxels on the slice `view` shows as the prompt (first prompt or correction), e.g.
+        a slice painted by hand; optionally propagate (options as `propagate`). The voxels are not changed."""
+        controller = self._require_controller()
+        if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+            raise MedSAM2ActionError(f"The segmentation has no segment with id {segment_id!r}.")
+        outcome = controller.prompt_from_segment(volume_node, self.target_for(segmentation_node, volume_node),
+                                                 segment_id, geometry.view_slice_to_ras(view))
+        if outcome.axis_warning:
+            logger.warning("MedSAM2: %s", outcome.axis_warning)
+        if propagate:
+            self.propagate(volume_node, segmentation_node, segment_id, **options)
+        return outcome
 
     def propagate(self, volume_node, segmentation_node, segment_id: str, **options) -> PropagationOutcome:
-        """Propagate a prompted segment (options as `SessionController.propagate`)."""
+        """Propagate a prompted segment (options as `SessionController.propagate`). Slices edited since MedSAM2
+        wrote them are taken as corrections first (`outcome.edits_taken`, `outcome.status()`)."""
         return self._require_controller().propagate(
             volume_node, self.target_for(segmentation_node, volume_node), segment_id, **options)
 
-    def undo(self, segmentation_node) -> None:
-        """Undo the last MedSAM2 action written from the console into this segmentation."""
+    def propagate_all(self, volume_node, segmentation_node, segment_ids=None, **options) -> PropagationOutcome:
+        """Propagate every MedSAM2-prompted segment of the segmentation (or `segment_ids`) together: each slice
+        is encoded once for all of them, and the whole propagation is one undo step."""
+        controller = self._require_controller()
+        target = self.target_for(segmentation_node, volume_node)
+        if segment_ids is None:
+            segment_ids = controller.propagated_segments(volume_node, target)
+        return controller.propagate_segments(volume_node, target, list(segment_ids), **options)
+
+    def reset(self, segmentation_node, segment_id: str) -> None:
+        """Forget a segment's MedSAM2 prompts (its voxels stay; one undo step, so Undo brings the prompts back)."""
         target = self._targets.get(segmentation_node.GetID())
-        if target is not None:
-            target.undo()
+        if self.controller is None or target is None:
+            return  # nothing was prompted from here: there is nothing to forget
+        volume_node = target.logic.GetSourceVolumeNode()
+        self.controller.reset_segment(volume_node, self.target_for(segmentation_node, volume_node), segment_id)
+
+    def undo(self, segmentation_node) -> None:
+        """Undo the last step in this segmentation's history (the Segment Editor's, when it edits it)."""
+        history = self._history(segmentation_node)
+        if history is not None:
+            history.undo()
+
+    def redo(self, segmentation_node) -> None:
+        """Redo the step last undone in this segmentation's history."""
+        history = self._history(segmentation_node)
+        if history is not None:
+            history.redo()
+
+    def backend_warning(self) -> str | None:
+        """The connected backend's warning (random weights), asked once per connection."""
+        if self._warning is None and self.controller is not None:
+            try:
+                capabilities = self.capabilities()
+            except MedSAM2ActionError:  # the action itself worked; the next one asks again
+                return None
+            warning = capabilities.get("warning")
+            if warning is None and capabilities.get("engine", {}).get("random_weights"):
+                from medsam2_backend.engine.model import RANDOM_WEIGHTS_WARNING  # in process: the engine is here
+
+                warning = RANDOM_WEIGHTS_WARNING
+            self._warning = warning or ""
+        return self._warning or None
 
     def target_for(self, segmentation_node, volume_node) -> EditorLogicTarget:
-        """The console's write target for a segmentation (one per segmentation, so its undo history persists)."""
+        """The console's write target for a segmentation (one per segmentation, so its undo history persists).
+        While the app's Segment Editor edits the same segmentation, its history and settings are used."""
         if segmentation_node.GetNodeReference(
                 slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is None:
             segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
@@ -181,7 +284,17 @@ class MedSAM2SlicerLogic:
             target = self._targets[segmentation_node.GetID()] = EditorLogicTarget(segmentation_node, volume_node)
         else:
             target.logic.SetSourceVolumeNode(volume_node)
+        target.history = open_segment_editor(segmentation_node)
+        if target.history is not None:
+            shown = target.history.mrmlSegmentEditorNode()
+            for name in EDITOR_SETTINGS:
+                value = getattr(shown, "Get" + name)()
+                getattr(target.editor_node, "Set" + name)(*(value if name.endswith("Range") else (value,)))
         return target
+
+    def _history(self, segmentation_node):
+        editor = open_segment_editor(segmentation_node)
+        return editor if editor is not None else self._targets.get(segmentation_node.GetID())
 
     def close(self) -> None:
         """Close the backend sessions, and stop the local server if this logic started one."""

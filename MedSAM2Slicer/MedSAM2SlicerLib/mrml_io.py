@@ -1,9 +1,17 @@
 """Writing engine slice masks into a segment with the Segment Editor's semantics, batched and undoable.
 
-Every write goes through a *target*: an object with `segmentation_node`, `save_state_for_undo()` and
-`modify(segment_id, labelmap, mode, extent_ijk)` where mode is "add" or "remove". In the app the effect is the
-target (its `modifySelectedSegmentByLabelmap` applies masking, editable area and overwrite); from the console and
-in tests `EditorLogicTarget` calls the same C++ (`vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap`) directly.
+Every write goes through a *target*: an object with `segmentation_node`, `save_state_for_undo()`,
+`reference_geometry()` (the segmentation's reference lattice, a `vtkOrientedImageData` in the segmentation node's
+own coordinates) and `modify(segment_id, labelmap, mode, extent_ijk)` where mode is "add" or "remove" and the
+extent is the labelmap's own. In the app the effect is the target (its `modifySegmentByLabelmap` applies masking,
+editable area and overwrite); from the console and in tests `EditorLogicTarget` calls the same C++
+(`vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap`) directly.
+
+Writes are made on the reference lattice, as every Segment Editor effect's are: the editor applies the editable
+area, the intensity range and overwrite only to a modifier labelmap on that lattice (`vtkSlicerSegmentEditorLogic::
+ModifySegmentByLabelmap` refuses another geometry for the intensity range and resamples the shared layer for it).
+Engine masks live on the source volume's lattice, so a block is resampled (nearest neighbour) onto the reference
+lattice when the two differ.
 
 The editor's own "set" mode replaces the *whole* segment (it erases outside the modification extent too), so a
 region-limited replace is written as "remove the block's background, then add its foreground", both limited to
@@ -72,21 +80,45 @@ def new_editor_logic(segmentation_node, source_volume_node, editor_node=None):
 
 
 class EditorLogicTarget:
-    """Writes into one segmentation through `vtkSlicerSegmentEditorLogic` (console use and tests)."""
+    """Writes into one segmentation through `vtkSlicerSegmentEditorLogic` (console use and tests).
 
-    def __init__(self, segmentation_node, source_volume_node, editor_node=None):
+    `history` is where undo states go: by default this logic's own segmentation history; in the app, an open
+    Segment Editor for the same segmentation (anything with its `saveStateForUndo()`, `undo()` and `redo()`
+    slots), so Ctrl+Z and the console undo the same steps. Writes always honour `editor_node`'s settings.
+    """
+
+    def __init__(self, segmentation_node, source_volume_node, editor_node=None, history=None):
         self.segmentation_node = segmentation_node
         self.logic = new_editor_logic(segmentation_node, source_volume_node, editor_node)
+        self.history = history
 
     @property
     def editor_node(self):
         return self.logic.GetSegmentEditorNode()
 
     def save_state_for_undo(self) -> None:
-        self.logic.SaveStateForUndo()
+        if self.history is not None:
+            self.history.saveStateForUndo()
+        else:
+            self.logic.SaveStateForUndo()
 
     def undo(self) -> None:
-        self.logic.Undo()
+        if self.history is not None:
+            self.history.undo()
+        else:
+            self.logic.Undo()
+
+    def redo(self) -> None:
+        if self.history is not None:
+            self.history.redo()
+        else:
+            self.logic.Redo()
+
+    def reference_geometry(self):
+        """The segmentation's reference lattice, as the editor's own effects get it (headless: from the logic)."""
+        if not self.logic.UpdateReferenceGeometryImage():
+            return None
+        return self.logic.GetReferenceGeometryImage()
 
     def modify(self, segment_id: str, labelmap, mode: str, extent_ijk: list[int]) -> None:
         modes = {"add": self.logic.ModificationModeAdd, "remove": self.logic.ModificationModeRemove}
@@ -105,61 +137,148 @@ def labelmap_from_array_kji(mask_kji: np.ndarray, extent_ijk: list[int], ijk_to_
     return labelmap
 
 
+def segment_mask_kji(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """A segment's voxels on the source volume's lattice (bool, K,J,I), whatever the segmentation's own geometry
+    and both nodes' parent transforms (nearest neighbour, as the editor resamples labelmaps)."""
+    shape_kji = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+    labelmap = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentation_node, segment_id, labelmap, False) or _is_empty(labelmap.GetExtent()):
+        return np.zeros(shape_kji, bool)
+    lattice = _lattice(geometry.ijk_to_node_local(volume_node, segmentation_node),
+                       geometry.slice_extent_ijk(0, 0, shape_kji[0] - 1, shape_kji))
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, lattice, resampled, False, False, None, 0)
+    return _voxels_kji(resampled).reshape(shape_kji) > 0
+
+
+def _is_empty(extent) -> bool:
+    return extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]
+
+
+def _lattice(ijk_to_local: np.ndarray, extent_ijk):
+    """An image geometry without voxels (a resampling target)."""
+    image = slicer.vtkOrientedImageData()
+    image.SetImageToWorldMatrix(geometry.vtk_matrix(ijk_to_local))
+    image.SetExtent(*[int(v) for v in extent_ijk])
+    return image
+
+
+def _voxels_kji(image) -> np.ndarray:
+    scalars = image.GetPointData().GetScalars()
+    return np.zeros(0, np.uint8) if scalars is None else numpy_support.vtk_to_numpy(scalars)
+
+
+def _image_to_local(image) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def covering_extent(extent_ijk, ijk_to_local: np.ndarray, reference) -> list[int]:
+    """The part of the reference lattice that a block of the source lattice covers (its 8 voxel-corner points
+    mapped into reference IJK, rounded outward, clipped to the reference extent)."""
+    lo = np.array(extent_ijk[0::2], float) - 0.5
+    hi = np.array(extent_ijk[1::2], float) + 0.5
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    to_reference = np.linalg.inv(_image_to_local(reference)) @ ijk_to_local
+    ref_ijk = geometry.ijk_to_ras(corners, to_reference)  # a plain affine map: IJK -> reference IJK here
+    first = np.floor(ref_ijk.min(axis=0) + 0.5).astype(int)
+    last = np.ceil(ref_ijk.max(axis=0) - 0.5).astype(int)
+    whole = reference.GetExtent()
+    first = np.maximum(first, whole[0::2])
+    last = np.minimum(last, whole[1::2])
+    return [int(v) for pair in zip(first, last) for v in pair]
+
+
 class SliceBatchWriter:
     """Collects streamed slice masks and writes each run of adjacent slices as one block (its bounding slab).
 
     One user action = one writer = one undo step: the state is saved once, before the first write. Streaming N
-    slices costs about one write of those N slices, however they arrive.
+    slices costs about one write of those N slices, however they arrive. One writer serves several segments
+    (`add(..., segment_id=...)`; a multi-segment propagation), each with its own runs, all in the same undo step.
+    `reference` is the lattice writes are made on (the target's `reference_geometry()`); None writes on the
+    source volume's lattice.
     """
 
-    def __init__(self, target, segment_id: str, ijk_to_local: np.ndarray, shape_kji: tuple[int, int, int],
+    def __init__(self, target, segment_id: str | None, ijk_to_local: np.ndarray, shape_kji: tuple[int, int, int],
                  axis: int, max_slices: int = BATCH_MAX_SLICES, max_delay_s: float = BATCH_MAX_DELAY_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, reference=None):
         self.target, self.segment_id = target, segment_id
         self.ijk_to_local, self.shape_kji, self.axis = ijk_to_local, tuple(shape_kji), axis
         self.max_slices, self.max_delay_s, self.clock = max_slices, max_delay_s, clock
-        self._pending: dict[int, np.ndarray] = {}
-        self._first_pending_at = 0.0
+        self.reference = reference
+        self._pending: dict[str, dict[int, np.ndarray]] = {}
+        self._first_pending_at: dict[str, float] = {}
         self._undo_saved = False
         self.write_count = 0
         self.voxels_written = 0
         self.slices_written: set[int] = set()
+        self.written_by_segment: dict[str, set[int]] = {}
+        self.slabs: list[tuple[int, int, int]] = []  # (axis, first, last) of every block written, source lattice
 
-    def add(self, slice_index: int, mask: np.ndarray) -> None:
+    def add(self, slice_index: int, mask: np.ndarray, segment_id: str | None = None) -> None:
         """Queue one slice mask (engine slice pixels, rows x columns); writes when the batch is due."""
-        if self._pending and not self._adjacent(slice_index):
-            self.flush()
-        if not self._pending:
-            self._first_pending_at = self.clock()
-        self._pending[int(slice_index)] = np.asarray(mask, bool)
-        if len(self._pending) >= self.max_slices or self.clock() - self._first_pending_at >= self.max_delay_s:
-            self.flush()
+        segment_id = self.segment_id if segment_id is None else segment_id
+        pending = self._pending.setdefault(segment_id, {})
+        if pending and not min(pending) - 1 <= slice_index <= max(pending) + 1:
+            self._flush_segment(segment_id)  # keep each slab one contiguous run, with no unrelated slices
+        if not pending:
+            self._first_pending_at[segment_id] = self.clock()
+        pending[int(slice_index)] = np.asarray(mask, bool)
+        if (len(pending) >= self.max_slices
+                or self.clock() - self._first_pending_at[segment_id] >= self.max_delay_s):
+            self._flush_segment(segment_id)
 
     def flush(self) -> None:
-        """Write every queued slice now (one call per contiguous run)."""
-        if not self._pending:
+        """Write every queued slice now (one call per contiguous run and segment)."""
+        for segment_id in list(self._pending):
+            self._flush_segment(segment_id)
+
+    def _flush_segment(self, segment_id: str) -> None:
+        pending = self._pending.get(segment_id)
+        if not pending:
             return
-        first, last = min(self._pending), max(self._pending)
+        first, last = min(pending), max(pending)
         block_shape = list(self.shape_kji)
         block_shape[self.axis] = last - first + 1
         block = np.zeros(block_shape, np.uint8)
         block_along_axis = np.moveaxis(block, self.axis, 0)  # a view: writing it fills `block`
-        for k, mask in self._pending.items():
+        for k, mask in pending.items():
             block_along_axis[k - first] = mask
         extent = geometry.slice_extent_ijk(self.axis, first, last, self.shape_kji)
         if not self._undo_saved:
             self.target.save_state_for_undo()
             self._undo_saved = True
-        self.target.modify(self.segment_id, labelmap_from_array_kji(block == 0, extent, self.ijk_to_local),
-                           "remove", extent)
-        if block.any():
-            self.target.modify(self.segment_id, labelmap_from_array_kji(block, extent, self.ijk_to_local),
-                               "add", extent)
+        for mode, labelmap in self._modifiers(block, extent):
+            self.target.modify(segment_id, labelmap, mode, list(labelmap.GetExtent()))
         self.write_count += 1
         self.voxels_written += block.size
-        self.slices_written.update(self._pending)
-        self._pending.clear()
+        self.slices_written.update(pending)
+        self.written_by_segment.setdefault(segment_id, set()).update(pending)
+        self.slabs.append((self.axis, first, last))
+        pending.clear()
 
-    def _adjacent(self, slice_index: int) -> bool:
-        """Whether adding the slice keeps the batch one contiguous run (so its slab holds no unrelated slices)."""
-        return min(self._pending) - 1 <= slice_index <= max(self._pending) + 1
+    def _modifiers(self, block: np.ndarray, extent: list[int]):
+        """("remove", background) then ("add", foreground) labelmaps of a block, on the reference lattice."""
+        source = labelmap_from_array_kji(np.where(block > 0, 2, 1), extent, self.ijk_to_local)  # 0: not in block
+        if self.reference is not None and not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(
+                source, self.reference):
+            target_extent = covering_extent(extent, self.ijk_to_local, self.reference)
+            if _is_empty(target_extent):
+                return []
+            resampled = slicer.vtkOrientedImageData()
+            slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                source, _lattice(_image_to_local(self.reference), target_extent), resampled, False, False, None, 0)
+            source = resampled
+        codes = _voxels_kji(source)
+        modifiers = []
+        for mode, code in (("remove", 1), ("add", 2)):
+            if mode == "add" and not (codes == code).any():
+                continue
+            labelmap = slicer.vtkOrientedImageData()
+            labelmap.DeepCopy(source)
+            _voxels_kji(labelmap)[:] = codes == code
+            modifiers.append((mode, labelmap))
+        return modifiers

@@ -7,6 +7,8 @@ Slicer settings file): prefer a server token file on shared computers.
 
 from __future__ import annotations
 
+from medsam2_client import protocol
+
 SETTINGS_GROUP = "MedSAM2"
 # key -> default, for every setting the panel persists
 SETTINGS_DEFAULTS = {
@@ -27,14 +29,22 @@ SETTINGS_DEFAULTS = {
 }
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
-PRECISIONS = ("auto", "fp32", "bf16")
-CT_PRESETS = ("soft_tissue", "lung", "bone", "brain", "abdomen")
+PRECISIONS = ("auto",) + tuple(protocol.PRECISIONS)
+CT_PRESETS = tuple(protocol.CT_PRESETS)
 # mode -> label in the panel
 INTENSITY_MODES = {
     "ct_preset": "CT window preset",
     "ct_window": "CT window (level / width)",
     "percentiles": "MR / other (percentiles)",
 }
+
+
+def choices_from_capabilities(capabilities: dict) -> dict:
+    """The lists the panel and effect show, as a connected server reports them (this extension's protocol lists
+    where the server says nothing, e.g. an older one or an in-process engine)."""
+    preprocessing = capabilities.get("preprocessing") or {}
+    return {"ct_presets": tuple(preprocessing.get("ct_presets") or CT_PRESETS),
+            "precisions": ("auto",) + tuple(capabilities.get("precisions") or protocol.PRECISIONS)}
 
 
 def typed_setting(key: str, value):

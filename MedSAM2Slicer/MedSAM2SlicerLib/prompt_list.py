@@ -67,6 +67,9 @@ class _OneUndoStep:
             self._target.save_state_for_undo()
             self._saved = True
 
+    def reference_geometry(self):
+        return self._target.reference_geometry()
+
     def modify(self, segment_id, labelmap, mode, extent_ijk):
         self._target.modify(segment_id, labelmap, mode, extent_ijk)
 
@@ -85,16 +88,16 @@ def slice_to_ras_along(volume_node, axis: int) -> np.ndarray:
 
 def remove_prompt(controller, volume_node, target, segment_id: str, index: int = -1) -> RemovalOutcome:
     """Remove the segment's prompt `index` (default: the latest); see the module docstring for what follows."""
-    prompts = controller.prompts(volume_node, segment_id)
+    prompts = controller.prompts(volume_node, segment_id, target)
     if not prompts:
         raise MedSAM2ActionError(tr("This segment has no MedSAM2 prompt to remove."))
     removed = prompts.pop(index)
     last = controller.last_propagation.get((volume_node.GetID(), segment_id))
     step = _OneUndoStep(target)
-    controller.reset_segment(volume_node, segment_id)
+    controller.reset_segment(volume_node, step, segment_id)
     shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))
     writer = SliceBatchWriter(step, segment_id, geometry.ijk_to_node_local(volume_node, target.segmentation_node),
-                              shape, removed.axis)
+                              shape, removed.axis, reference=step.reference_geometry())
     writer.add(removed.slice_index, np.zeros([n for a, n in enumerate(shape) if a != removed.axis], bool))
     writer.flush()
     for prompt in prompts:

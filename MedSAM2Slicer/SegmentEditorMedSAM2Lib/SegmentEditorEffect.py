@@ -55,13 +55,18 @@ class EffectTarget:
     def save_state_for_undo(self):
         self.scriptedEffect.saveStateForUndo()
 
+    def reference_geometry(self):
+        """The lattice the editor's effects write on (Slicer: qSlicerSegmentEditorAbstractEffect)."""
+        return self.scriptedEffect.referenceGeometryImage()
+
     def modify(self, segment_id, labelmap, mode, extent_ijk):
-        if segment_id != self.segment_id or self.selection_changed():
+        if self.selection_changed():
             raise SelectionChangedError(SELECTION_CHANGED)
+        # Any segment of the pinned segmentation (a multi-segment propagation writes several). The overload without
+        # an extent (PythonQt cannot pass `const int[6]`): the labelmap's own extent, which is `extent_ijk`.
         modes = {"add": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
                  "remove": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove}
-        # The (labelmap, mode, QList<int> extent) overload; the extent is in the labelmap's own IJK index space.
-        self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, modes[mode], [int(v) for v in extent_ijk])
+        self.scriptedEffect.modifySegmentByLabelmap(self.segmentation_node, segment_id, labelmap, modes[mode])
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -75,6 +80,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._reader = None  # the BackgroundReader of that action, while it reads on a worker thread
         self._waitCursor = False
         self._nextClickNegative = False  # n flips the sign of the next click (one click only)
+        self._last_slice_view = None
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -108,10 +114,25 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.propagateButton.connect("clicked()", self.onPropagate)
         self.cancelButton = qt.QPushButton("Cancel")
         self.cancelButton.connect("clicked()", self._onCancel)
+        self.allSegmentsCheckBox = qt.QCheckBox("All MedSAM2 segments")
+        self.allSegmentsCheckBox.toolTip = ("Propagate every segment prompted with MedSAM2 together (each slice is "
+                                            "computed once for all; one undo step)")
         buttons = qt.QHBoxLayout()
         buttons.addWidget(self.propagateButton)
+        buttons.addWidget(self.allSegmentsCheckBox)
         buttons.addWidget(self.cancelButton)
         self.scriptedEffect.addOptionsWidget(buttons)
+        self.useSegmentButton = qt.QPushButton("Use segment as prompt")
+        self.useSegmentButton.toolTip = ("Give MedSAM2 the selected segment's voxels on the slice shown in the "
+                                         "last slice view you worked in (a start, or a correction)")
+        self.useSegmentButton.connect("clicked()", self.onUseSegment)
+        self.resetButton = qt.QPushButton("Reset")
+        self.resetButton.toolTip = "Forget this segment's MedSAM2 prompts (its voxels stay; Undo brings them back)"
+        self.resetButton.connect("clicked()", self.onReset)
+        segment_buttons = qt.QHBoxLayout()
+        segment_buttons.addWidget(self.useSegmentButton)
+        segment_buttons.addWidget(self.resetButton)
+        self.scriptedEffect.addOptionsWidget(segment_buttons)
         self.progressBar = qt.QProgressBar()
         self.scriptedEffect.addOptionsWidget(self.progressBar)
         self.uncertainList = qt.QListWidget()
@@ -145,6 +166,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         self.propagateButton.disconnect("clicked()", self.onPropagate)
         self.cancelButton.disconnect("clicked()", self._onCancel)
+        self.useSegmentButton.disconnect("clicked()", self.onUseSegment)
+        self.resetButton.disconnect("clicked()", self.onReset)
         self.uncertainList.disconnect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
         self.disconnectOptionsFromMRML()
         self.removePromptButton.disconnect("clicked()", self.onRemoveSelectedPrompt)
@@ -225,6 +248,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._press_xy = None
             self.statusLabel.text = f"MedSAM2 is busy ({shared_logic().guard.running}); that click was ignored."
             return True
+        self._last_slice_view = viewWidget  # the view "Use segment as prompt" takes its slice from
         # Slicer's VTK sends LeftButtonDoubleClickEvent instead of the second press of a quick double click;
         # unhandled it maximizes the view (vtkMRMLSliceIntersectionWidget), with Ctrl it resets window/level. Two
         # quick clicks are two prompts, so it is a press here (the Draw effect also handles it, as "finish").
@@ -300,8 +324,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _propagate(self, controller, target, options):
         """Read the backend's slices on a worker thread and write them here, on the main thread, as they arrive:
         Slicer stays responsive (scroll, look, Cancel) between slices. The console API stays synchronous."""
-        job = controller.begin_propagation(target.source_volume, target, target.segment_id, **options)
-        self.progressBar.maximum, self.progressBar.value = job.run.planned, 0
+        segments = (controller.propagated_segments(target.source_volume, target) if self.allSegmentsCheckBox.checked
+                    else [target.segment_id])
+        job = controller.begin_propagation(target.source_volume, target, segments, **options)
 
         def apply(result):
             if target.selection_changed():
@@ -311,17 +336,28 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.progressBar.value = job.run.done
 
         def finished(error):
+            goes_on = False
             try:
                 if error is not None:
                     raise job.failure(error)
-                self._showOutcome(job.finish())
+                outcome = job.finish()
+                goes_on = outcome is None  # segments on another axis: their run is read next, the action goes on
+                if goes_on:
+                    read()
+                else:
+                    self._showOutcome(outcome)
             except MedSAM2ActionError as action_error:
                 self.statusLabel.text = str(action_error)
             finally:
-                self._endAction()
+                if not goes_on:
+                    self._endAction()
 
-        self._reader = BackgroundReader(lambda: job.run, apply, finished)
-        self._reader.start(self._startTimer)
+        def read():
+            self.progressBar.maximum, self.progressBar.value = job.run.planned, 0
+            self._reader = BackgroundReader(lambda: job.run, apply, finished)
+            self._reader.start(self._startTimer)
+
+        read()
         return IN_BACKGROUND
 
     def _showOutcome(self, outcome):
@@ -330,7 +366,27 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             item = qt.QListWidgetItem(f"slice {slice_info.slice_index}: IoU {slice_info.iou:.2f}")
             item.setData(qt.Qt.UserRole, [float(c) for c in slice_info.center_ras])
             self.uncertainList.addItem(item)
-        self.statusLabel.text = ("Cancelled; " if outcome.cancelled else "") + f"{outcome.slices_written} slices."
+        self.statusLabel.text = outcome.status()
+
+    def onUseSegment(self):
+        view = self._last_slice_view or slicer.app.layoutManager().sliceWidget("Red")
+        slice_to_ras = slicer.util.arrayFromVTKMatrix(view.sliceLogic().GetSliceNode().GetSliceToRAS())
+
+        def use_segment(controller, volume, target):
+            outcome = controller.prompt_from_segment(volume, target, target.segment_id, slice_to_ras)
+            self.statusLabel.text = outcome.axis_warning or (
+                f"Slice {outcome.slice_index} is the prompt; Propagate to follow it.")
+            self.refreshPrompts()
+
+        self._run("using the segment as the prompt", use_segment)
+
+    def onReset(self):
+        def reset(controller, volume, target):
+            controller.reset_segment(volume, target, target.segment_id)
+            self.statusLabel.text = "MedSAM2 forgot this segment's prompts; its voxels stay (Undo restores them)."
+
+        self._run("resetting the segment", reset)
+        self.refreshPrompts()
 
     # ---- options in the Segment Editor's parameter node (saved with the scene) -----------------------------------
     def _optionWidgets(self):

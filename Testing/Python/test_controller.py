@@ -1,5 +1,8 @@
 """The session controller: session reuse, preprocessing, one object per segment, errors, cancel, exact voxels."""
 
+import logging
+import types
+
 import numpy as np
 import pytest
 import slicer
@@ -7,9 +10,10 @@ import slicer
 from medsam2_backend.engine import DiskEngine
 from medsam2_backend.engine.test_engine import disk, shrink_mask
 from medsam2_client import wire
-from MedSAM2SlicerLib import mrml_io, scenarios
+from medsam2_client.errors import BackendUnavailable
+from MedSAM2SlicerLib import geometry, mrml_io, scenarios
 from MedSAM2SlicerLib.controller import MedSAM2ActionError, SessionController
-from MedSAM2SlicerLib.logic import InProcessBackend
+from MedSAM2SlicerLib.logic import InProcessBackend, MedSAM2SlicerLogic
 
 SHAPE = (12, 32, 32)
 
@@ -34,7 +38,7 @@ class RecordingBackend(InProcessBackend):
                 def stream():
                     for i, result in enumerate(run):
                         if i == limit:
-                            raise ConnectionError("the server went away")
+                            raise BackendUnavailable("the server went away")
                         yield result
                 return type("Run", (), {"planned": run.planned, "summary": run.summary, "cancel": run.cancel,
                                         "done": property(lambda self: run.done),
@@ -168,3 +172,324 @@ def test_box_with_negative_point_and_view_on_another_axis(mrml):
     got = _segment(segmentation, a, volume)
     assert got[:, 20, :].sum() == 5 * 6 and got[1:6, 20, 4:10].all()  # K 1..5 (z 2..10 mm), I 4..9
     assert len(controller.prompts(volume, a)) == 1 and controller.prompts(volume, a)[0].axis == 1
+
+
+# ---- undo/redo the model agrees with, the user's edits as corrections, several segments (real MRML history) ----
+CENTER = (16.0, 15.0)
+
+
+def _paint(target, segment_id, volume, k, mask, mode="add"):
+    """A user's edit on slice k with another effect (Paint/Erase): the editor's own write, its own undo step.
+    `mask` is one axial slice, or the whole K,J,I volume when k is None."""
+    block = np.zeros((1,) + SHAPE[1:], np.uint8) if k is not None else np.asarray(mask, np.uint8)
+    if k is not None:
+        block[0] = mask
+    extent = geometry.slice_extent_ijk(0, k, k, SHAPE) if k is not None else geometry.slice_extent_ijk(
+        0, 0, SHAPE[0] - 1, SHAPE)
+    labelmap = mrml_io.labelmap_from_array_kji(block, extent, geometry.ijk_to_node_local(
+        volume, target.segmentation_node))
+    modes = {"add": target.logic.ModificationModeAdd, "remove": target.logic.ModificationModeRemove}
+    target.logic.SaveStateForUndo()
+    target.logic.ModifySegmentByLabelmap(target.segmentation_node, segment_id, labelmap, modes[mode], False, False)
+
+
+def _expected_from(prompts: dict) -> np.ndarray:
+    """The DiskEngine's two-way result for {slice: mask} prompts (each slice from the nearest prompt behind it)."""
+    anchor = min(prompts, key=lambda k: list(prompts).index(k))
+    out = np.zeros(SHAPE, bool)
+    for k in range(SHAPE[0]):
+        behind = [p for p in prompts if (k - p) * (1 if k >= anchor else -1) >= 0]
+        source = min(behind, key=lambda p: abs(k - p))
+        out[k] = shrink_mask(prompts[source], abs(k - source))
+    return out
+
+
+def _point(k, x=CENTER[0], y=CENTER[1]):
+    return [[x, y, 2.0 * k]]
+
+
+def test_an_undone_correction_is_not_in_the_next_propagation_and_a_redone_one_is(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
+    controller.propagate(volume, target, a)
+    first = _segment(segmentation, a, volume).copy()
+    assert np.array_equal(first, _expected_from({5: disk((32, 32), *CENTER, 6)}))
+    controller.add_prompt(volume, target, a, points_ras=_point(8, 8.0, 8.0), labels=[1])  # a correction
+    controller.propagate(volume, target, a)
+    corrected = _segment(segmentation, a, volume).copy()
+    assert np.array_equal(corrected, _expected_from({5: disk((32, 32), *CENTER, 6), 8: disk((32, 32), 8, 8, 6)}))
+    target.undo()  # the second propagation
+    target.undo()  # the correction
+    assert np.array_equal(_segment(segmentation, a, volume), first)
+    target.redo()  # the correction again
+    controller.propagate(volume, target, a)
+    assert np.array_equal(_segment(segmentation, a, volume), corrected), "the redone correction is missing"
+    target.undo()  # that propagation
+    target.undo()  # the correction
+    controller.propagate(volume, target, a)
+    assert np.array_equal(_segment(segmentation, a, volume), first), "the undone correction came back"
+
+
+def test_an_action_that_changes_nothing_is_one_undo_step(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
+    after_prompt = _segment(segmentation, a, volume).copy()
+    controller.propagate(volume, target, a)
+    propagated = _segment(segmentation, a, volume).copy()
+    controller.add_prompt(volume, target, a, points_ras=_point(5, 1.0, 1.0), labels=[0])  # far from the disk
+    assert np.array_equal(_segment(segmentation, a, volume), propagated)  # no voxel changed
+    target.undo()  # only the negative click
+    assert np.array_equal(_segment(segmentation, a, volume), propagated)
+    assert len(controller.prompts(volume, a, target)) == 1
+    target.undo()  # the propagation
+    assert np.array_equal(_segment(segmentation, a, volume), after_prompt)
+
+
+def test_edited_slices_become_corrections_and_stay_as_drawn(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
+    controller.propagate(volume, target, a)
+    blob = np.zeros((32, 32), bool)
+    blob[20:28, 18:30] = True
+    _paint(target, a, volume, 8, blob)  # Paint on slice 8
+    _paint(target, a, volume, 2, np.ones((32, 32), bool), mode="remove")  # Erase all of slice 2
+    edited_8 = _segment(segmentation, a, volume)[8].astype(bool)
+    outcome = controller.propagate(volume, target, a)
+    assert outcome.edits_taken == {a: [2, 8]}
+    assert "slices 2, 8 were taken as corrections" in outcome.status()
+    got = _segment(segmentation, a, volume).astype(bool)
+    expected = _expected_from({5: disk((32, 32), *CENTER, 6), 8: edited_8, 2: np.zeros((32, 32), bool)})
+    assert np.array_equal(got, expected)
+    assert np.array_equal(got[8], edited_8) and not got[:3].any()
+    again = controller.propagate(volume, target, a)  # nothing edited since: nothing taken
+    assert again.edits_taken == {a: []}
+    assert np.array_equal(_segment(segmentation, a, volume).astype(bool), expected)
+
+
+def test_overwrite_masking_and_undo_are_not_taken_for_edits(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    seg = segmentation.GetSegmentation()
+    a, b, region = seg.AddEmptySegment("A"), seg.AddEmptySegment("B"), seg.AddEmptySegment("Region")
+    region_voxels = np.zeros(SHAPE, np.uint8)
+    region_voxels[:, :, :18] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(region_voxels, segmentation, region, volume)
+    editor = target.editor_node
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)  # outside Region only
+    editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments)
+    controller.add_prompt(volume, target, a, points_ras=_point(5, 20.0, 15.0), labels=[1])
+    controller.propagate(volume, target, a)  # masked: nothing left of column 18
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+    controller.add_prompt(volume, target, b, points_ras=_point(5, 26.0, 15.0), labels=[1])
+    controller.propagate(volume, target, b)  # overwrites part of A
+    assert controller.propagate(volume, target, a).edits_taken == {a: []}
+    target.undo()
+    target.undo()  # A's re-propagation and B's propagation are undone: A is as its first propagation left it
+    assert controller.propagate(volume, target, a).edits_taken == {a: []}
+
+
+def test_the_segment_on_a_view_slice_is_a_first_prompt_on_any_axis_through_transforms(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    transform = mrml.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    moved = np.array([[0.0, -1, 0, 5], [1, 0, 0, -3], [0, 0, 1, 8], [0, 0, 0, 1]])  # 90 degrees about S, shifted
+    transform.SetMatrixTransformToParent(geometry.vtk_matrix(moved))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # a segmentation made over it
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    painted = np.zeros(SHAPE, np.uint8)
+    painted[3:9, 20, 10:22] = 1  # a coronal slice J = 20, painted by hand (K 3..8, I 10..21)
+    _paint(target, a, volume, None, painted)
+    read = lambda: mrml_io.segment_mask_kji(segmentation, a, volume)  # noqa: E731
+    assert np.array_equal(read(), painted)
+    ijk_to_world = geometry.ijk_to_world_ras(volume)
+    view = np.eye(4)  # a view across J, panned off the volume's centre
+    view[:3, 0], view[:3, 1], view[:3, 2] = ijk_to_world[:3, 0], ijk_to_world[:3, 2] / 2, ijk_to_world[:3, 1]
+    view[:3, 3] = geometry.ijk_to_ras([[3, 20, 1]], ijk_to_world)[0]
+    outcome = controller.prompt_from_segment(volume, target, a, slice_to_ras=view)
+    assert (outcome.axis, outcome.slice_index, outcome.voxels) == (1, 20, 6 * 12)
+    assert np.array_equal(read(), painted)  # the user's voxels are not rewritten
+    controller.propagate(volume, target, a, direction="forward")
+    got = read()
+    for j in range(20, 32):
+        assert np.array_equal(got[:, j, :], shrink_mask(painted[:, 20, :].astype(bool), j - 20)), j
+
+
+def test_the_segment_on_a_slice_as_a_correction_and_an_empty_one_refused_as_a_first_prompt(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    a, b = (segmentation.GetSegmentation().AddEmptySegment(n) for n in "AB")
+    axial_at = lambda k: np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2.0 * k], [0, 0, 0, 1]])  # noqa: E731
+    with pytest.raises(MedSAM2ActionError, match="no voxels on slice 4"):
+        controller.prompt_from_segment(volume, target, b, slice_to_ras=axial_at(4))
+    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
+    controller.propagate(volume, target, a)
+    blob = np.zeros((32, 32), bool)
+    blob[2:9, 2:12] = True
+    _paint(target, a, volume, 9, blob)
+    painted_9 = _segment(segmentation, a, volume)[9].astype(bool)
+    controller.prompt_from_segment(volume, target, a, slice_to_ras=axial_at(9))
+    outcome = controller.propagate(volume, target, a)
+    assert outcome.edits_taken == {a: []}  # already the prompt: not taken twice
+    got = _segment(segmentation, a, volume).astype(bool)
+    assert np.array_equal(got, _expected_from({5: disk((32, 32), *CENTER, 6), 9: painted_9}))
+
+
+def test_several_segments_propagate_in_one_engine_call_and_one_undo_step(mrml):
+    backend = RecordingBackend()
+    volume, segmentation, target, controller = _setup(mrml, backend)
+    a, b = (segmentation.GetSegmentation().AddEmptySegment(n) for n in "AB")
+    controller.add_prompt(volume, target, a, points_ras=_point(5, 8.0, 8.0), labels=[1])
+    controller.add_prompt(volume, target, b, points_ras=_point(3, 24.0, 24.0), labels=[1])
+    session = controller._sessions[(volume.GetID(), 0)].session
+    calls, original = [], session.propagate
+    session.propagate = lambda ids, **kw: (calls.append(list(ids)), original(ids, **kw))[1]
+    before = [_segment(segmentation, s, volume).copy() for s in (a, b)]
+    assert controller.propagated_segments(volume, target) == [a, b]
+    outcome = controller.propagate_segments(volume, target, [a, b])
+    assert calls == [[1, 2]]
+    assert np.array_equal(_segment(segmentation, a, volume), _expected_from({5: disk((32, 32), 8, 8, 6)}))
+    assert np.array_equal(_segment(segmentation, b, volume), _expected_from({3: disk((32, 32), 24, 24, 6)}))
+    assert outcome.segments == {a: list(range(12)), b: list(range(12))} and outcome.slices_written == 12
+    target.undo()
+    assert all(np.array_equal(_segment(segmentation, s, volume), x) for s, x in zip((a, b), before))
+
+
+def test_reset_forgets_the_prompts_keeps_the_voxels_and_undo_brings_them_back(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
+    controller.propagate(volume, target, a)
+    propagated = _segment(segmentation, a, volume).copy()
+    controller.reset_segment(volume, target, a)
+    assert np.array_equal(_segment(segmentation, a, volume), propagated)
+    with pytest.raises(MedSAM2ActionError, match="before propagating"):
+        controller.propagate(volume, target, a)
+    target.undo()  # the reset
+    controller.propagate(volume, target, a)
+    assert np.array_equal(_segment(segmentation, a, volume), propagated)
+
+
+def test_only_typed_errors_become_sentences(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
+    session = controller._sessions[(volume.GetID(), 0)].session
+    for raised, expected in ((KeyError("obj"), KeyError), (MemoryError(), MedSAM2ActionError)):
+        session.propagate = lambda *args, raised=raised, **kwargs: (_ for _ in ()).throw(raised)
+        with pytest.raises(expected) as info:
+            controller.propagate(volume, target, a)
+        if expected is MedSAM2ActionError:
+            assert "ran out of memory" in str(info.value)
+    with pytest.raises(MedSAM2ActionError, match="outside the volume"):  # the engine's input error
+        controller.add_prompt(volume, target, a, points_ras=_point(40), labels=[1])
+
+
+# ---- the console API: the Segment Editor's history in the app, warnings, several segments ----
+class SegmentEditorWidgetStandIn:
+    """The `qMRMLSegmentEditorWidget` slots the console uses, and only those (a misspelt one fails): like the
+    C++ widget, they drive one `vtkSlicerSegmentEditorLogic` and its history."""
+
+    __slots__ = ("_logic", "_node")
+
+    def __init__(self, segmentation, volume):
+        self._logic = mrml_io.new_editor_logic(segmentation, volume)
+        self._node = segmentation
+
+    def saveStateForUndo(self):
+        self._logic.SaveStateForUndo()
+
+    def undo(self):
+        self._logic.Undo()
+
+    def redo(self):
+        self._logic.Redo()
+
+    def segmentationNode(self):
+        return self._node
+
+    def mrmlSegmentEditorNode(self):
+        return self._logic.GetSegmentEditorNode()
+
+
+def _open_in_segment_editor(monkeypatch, editor):
+    """As the app's `slicer.modules.segmenteditor.widgetRepresentation().self().editor`."""
+    module_widget = types.SimpleNamespace(editor=editor)
+    representation = types.SimpleNamespace(self=lambda: module_widget)
+    monkeypatch.setattr(slicer.modules, "segmenteditor",
+                        types.SimpleNamespace(widgetRepresentation=lambda: representation), raising=False)
+
+
+def _console(mrml):
+    volume = scenarios.add_volume(shape_kji=SHAPE, ijk_to_ras=np.diag([1.0, 1.0, 2.0, 1.0]))
+    segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    logic = MedSAM2SlicerLogic()
+    logic.connect(engine=DiskEngine(radius=6, shrink=1))
+    return volume, segmentation, logic
+
+
+def test_console_and_segment_editor_share_one_history_and_the_model_follows(mrml, monkeypatch):
+    volume, segmentation, logic = _console(mrml)
+    editor = SegmentEditorWidgetStandIn(segmentation, volume)
+    _open_in_segment_editor(monkeypatch, editor)
+    region = segmentation.GetSegmentation().AddEmptySegment("Region")
+    region_voxels = np.zeros(SHAPE, np.uint8)
+    region_voxels[:, :, :20] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(region_voxels, segmentation, region, volume)
+    editor.mrmlSegmentEditorNode().SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    editor.mrmlSegmentEditorNode().SetMaskSegmentID(region)
+    editor.mrmlSegmentEditorNode().SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    a = logic.segment(volume, segmentation, points_ras=_point(5), propagate=False)
+    after_prompt = _segment(segmentation, a, volume).copy()
+    assert not after_prompt[:, :, 20:].any() and after_prompt[5].any()  # the editor's masking applies
+    logic.propagate(volume, segmentation, a)
+    first = _segment(segmentation, a, volume).copy()
+    logic.segment(volume, segmentation, a, points_ras=_point(8, 8.0, 8.0), propagate=True)  # a correction
+    corrected = _segment(segmentation, a, volume).copy()
+    assert not np.array_equal(first, corrected)
+    editor.undo()  # Ctrl+Z in the Segment Editor: the correction's propagation
+    editor.undo()  # and the correction
+    assert np.array_equal(_segment(segmentation, a, volume), first)
+    logic.redo(segmentation)  # the console redoes what the editor undid
+    logic.undo(segmentation)
+    logic.propagate(volume, segmentation, a)
+    assert np.array_equal(_segment(segmentation, a, volume), first), "the undone correction came back"
+    editor.undo()
+    editor.undo()  # the console's first propagation, from the editor
+    assert np.array_equal(_segment(segmentation, a, volume), after_prompt)
+
+
+def test_segment_returns_its_id_with_the_oblique_and_random_weights_warnings(mrml, caplog):
+    class RandomWeightsDisks(DiskEngine):
+        def describe(self):
+            return dict(super().describe(), random_weights=True)
+
+    volume, segmentation, logic = _console(mrml)
+    logic.connect(engine=RandomWeightsDisks(radius=6, shrink=1))
+    tilt = np.radians(25)
+    view = np.array([[1.0, 0, 0, 0], [0, np.cos(tilt), -np.sin(tilt), 0], [0, np.sin(tilt), np.cos(tilt), 10.0],
+                     [0, 0, 0, 1]])  # 25 degrees off axial
+    with caplog.at_level(logging.WARNING):
+        segment_id = logic.segment(volume, segmentation, points_ras=[[16.0, 15.0, 10.0]], view=view,
+                                   propagate=False)
+    assert isinstance(segment_id, str) and segmentation.GetSegmentation().GetSegment(segment_id) is not None
+    assert len(segment_id.warnings) == 2
+    assert "25" in segment_id.warnings[0] and segment_id.warnings[1].startswith("RANDOM WEIGHTS")
+    assert [r.getMessage() for r in caplog.records if "MedSAM2" in r.getMessage()] == [
+        f"MedSAM2: {w}" for w in segment_id.warnings]
+    assert segment_id.prompt.slice_index == 5 and segment_id.propagation is None
+
+
+def test_propagate_all_takes_every_prompted_segment_and_one_undo(mrml):
+    volume, segmentation, logic = _console(mrml)
+    a = logic.segment(volume, segmentation, points_ras=_point(5, 8.0, 8.0), propagate=False)
+    b = logic.segment(volume, segmentation, points_ras=_point(3, 24.0, 24.0), propagate=False)
+    segmentation.GetSegmentation().AddEmptySegment("painted by hand")  # no MedSAM2 prompt: not propagated
+    outcome = logic.propagate_all(volume, segmentation)
+    assert set(outcome.segments) == {a, b}
+    assert np.array_equal(_segment(segmentation, b, volume), _expected_from({3: disk((32, 32), 24, 24, 6)}))
+    logic.undo(segmentation)
+    assert _segment(segmentation, b, volume)[[0, 11]].sum() == 0
+    logic.reset(segmentation, b)
+    assert set(logic.propagate_all(volume, segmentation).segments) == {a}

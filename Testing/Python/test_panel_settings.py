@@ -52,3 +52,41 @@ def test_display_window_is_read_without_touching_the_voxels(mrml):
     assert panel_settings.display_window(volume) == (-600.0, 1500.0)
     assert np.array_equal(slicer.util.arrayFromVolume(volume), before)
     assert panel_settings.display_window(None) is None
+
+
+def test_engine_server_client_and_panel_take_their_lists_from_the_protocol():
+    """One source each: the names the panel shows before connecting are the ones the backend accepts."""
+    import numpy as np
+
+    from medsam2_backend.engine import model, preprocess
+    from medsam2_backend.engine.sam2_engine import Sam2Engine
+    from medsam2_backend.server.app import make_app
+    from medsam2_client import protocol, wire
+    from MedSAM2SlicerLib import panel_settings
+
+    assert preprocess.CT_PRESETS == protocol.CT_PRESETS and preprocess.Preprocessing(preset="lung").window == (
+        -1350.0, 150.0)
+    assert [np.dtype(t).name for t in preprocess.ALLOWED_DTYPES] == list(protocol.VOLUME_DTYPES)
+    assert model.PRECISIONS == protocol.PRECISIONS and wire.STAGES == protocol.SLICE_STAGES
+    assert Sam2Engine.__init__.__defaults__[-1] == protocol.DEFAULT_CACHE_BUDGET_BYTES
+    assert panel_settings.CT_PRESETS == tuple(protocol.CT_PRESETS)
+    assert panel_settings.PRECISIONS == ("auto", "fp32", "bf16")
+    from fastapi.testclient import TestClient
+
+    from medsam2_backend.engine import DiskEngine
+
+    with TestClient(make_app(DiskEngine())) as http:
+        capabilities = http.get(protocol.CAPABILITIES, headers={protocol.PROTOCOL_HEADER: "1"}).json()
+    assert capabilities["preprocessing"]["ct_presets"] == list(protocol.CT_PRESETS)
+    assert capabilities["volume"]["dtypes"] == list(protocol.VOLUME_DTYPES)
+    assert panel_settings.choices_from_capabilities(capabilities) == {
+        "ct_presets": tuple(protocol.CT_PRESETS), "precisions": ("auto",) + protocol.PRECISIONS}
+
+
+def test_the_panel_shows_what_a_server_reports_and_its_own_lists_without_one():
+    from MedSAM2SlicerLib import panel_settings
+
+    reported = {"preprocessing": {"ct_presets": ["soft_tissue", "liver"]}, "precisions": ["fp32"]}
+    assert panel_settings.choices_from_capabilities(reported) == {"ct_presets": ("soft_tissue", "liver"),
+                                                                  "precisions": ("auto", "fp32")}
+    assert panel_settings.choices_from_capabilities({"engine": {}})["ct_presets"] == panel_settings.CT_PRESETS

@@ -53,6 +53,21 @@ DEFAULT_STALL_TIMEOUT_S = 60.0  # a propagation whose client reads nothing for t
 PROPAGATION_WINDOW = 32  # slices the server computes beyond what the client has acknowledged
 CLIENT_BUSY_RETRY_S = 90.0  # how long the client retries a busy server (honouring Retry-After) before raising
 
+# Names shared by the engine, the server, the client and the Slicer panel: defined once, here (the one package
+# Slicer always has), so a list shown before connecting is the one the backend accepts. The panel refreshes them
+# from a server's /capabilities after connecting.
+CT_PRESETS = {  # name -> (level, width) in Hounsfield units
+    "soft_tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (60.0, 350.0),
+}
+PRECISIONS = ("fp32", "bf16")
+SLICE_STAGES = ("prompt", "propagate", "postprocess", "cleared")  # what a streamed slice result is
+VOLUME_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+DEFAULT_CACHE_BUDGET_BYTES = 1 << 30  # backbone features kept per session
+
 PROMPT_TYPES = ("points", "box", "mask")
 DIRECTIONS = ("both", "forward", "backward")
 POSTPROCESS_STEPS = ("largest_component", "fill_holes")

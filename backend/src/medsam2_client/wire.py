@@ -30,6 +30,8 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from . import protocol
+
 VOLUME_MEDIA_TYPE = "application/x-medsam2-volume"
 FRAMES_MEDIA_TYPE = "application/x-medsam2-frames"
 VOLUME_MAGIC = b"MS2V"
@@ -48,7 +50,7 @@ _MASK_HEADER = struct.Struct("<6I")
 _FRAME_HEADER = struct.Struct("<BI")
 _SLICE = struct.Struct("<IIddBII")
 START, SLICE, SUMMARY, ERROR = 1, 2, 3, 4
-STAGES = ("prompt", "propagate", "postprocess", "cleared")
+STAGES = protocol.SLICE_STAGES
 _CHUNK = 4 << 20
 
 

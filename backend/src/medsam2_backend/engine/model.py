@@ -8,6 +8,7 @@ import os
 import pathlib
 
 import torch
+from medsam2_client import protocol
 
 from .errors import EngineInputError
 
@@ -24,7 +25,7 @@ MEDSAM2_OVERRIDES = (
 CORRECTION_OVERRIDES = ("++model.add_all_frames_to_correct_as_cond=true",)
 # How the engine configures SAM-2; a reference predictor compared with the engine must be built with the same.
 SAM2_OVERRIDES = MEDSAM2_OVERRIDES + CORRECTION_OVERRIDES
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = protocol.PRECISIONS
 KERNELS = ("onednn", "torch")
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: the model is randomly initialised, not MedSAM2. Masks are meaningless; "

@@ -13,20 +13,15 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
+from medsam2_client import protocol
+
 from .errors import EngineInputError
 
-# (level, width) in Hounsfield units.
-CT_PRESETS = {
-    "soft_tissue": (40.0, 400.0),
-    "lung": (-600.0, 1500.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-    "abdomen": (60.0, 350.0),
-}
+CT_PRESETS = protocol.CT_PRESETS  # (level, width) in Hounsfield units
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("stretch", "pad")
-ALLOWED_DTYPES = (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.float32, np.float64)
+ALLOWED_DTYPES = tuple(np.dtype(name).type for name in protocol.VOLUME_DTYPES)
 MAX_SLICE_SIDE = 4096
 
 

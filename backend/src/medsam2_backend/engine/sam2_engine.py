@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from medsam2_client import protocol
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from .base import BACKWARD, FORWARD, SlicePrompt, SliceResult, VolumeSession
@@ -197,7 +198,7 @@ class Sam2VolumeSession(VolumeSession):
     """A volume segmented by SAM-2: per object one forward and one backward tracking state (see `base`)."""
 
     def __init__(self, model: Sam2Model, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
-                 preprocessing: Preprocessing | None = None, cache_budget_bytes: int = 1 << 30,
+                 preprocessing: Preprocessing | None = None, cache_budget_bytes: int = protocol.DEFAULT_CACHE_BUDGET_BYTES,
                  lock: threading.Lock | None = None):
         super().__init__(volume, spacing, axis, preprocessing)
         self.model = model
@@ -304,7 +305,7 @@ class Sam2Engine:
 
     name = "sam2"
 
-    def __init__(self, model: Sam2Model, cache_budget_bytes: int = 1 << 30):
+    def __init__(self, model: Sam2Model, cache_budget_bytes: int = protocol.DEFAULT_CACHE_BUDGET_BYTES):
         self.model = model
         self.cache_budget_bytes = cache_budget_bytes
         self.lock = threading.RLock()

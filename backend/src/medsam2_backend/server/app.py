@@ -208,6 +208,7 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
             "propagation": {"directions": list(DIRECTIONS), "postprocess": list(POSTPROCESS_STEPS),
                             "range": True, "stop_after_empty": True, "cancel": True},
             "preprocessing": {"ct_presets": list(CT_PRESETS), "resize": list(RESIZE_MODES)},
+            "precisions": list(protocol.PRECISIONS),
         }
         if described.get("random_weights"):
             from ..engine.model import RANDOM_WEIGHTS_WARNING

@@ -22,7 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="serve a randomly initialised model (pipeline tests only: masks are meaningless)")
     p.add_argument("--test-engine", action="store_true", help=argparse.SUPPRESS)  # deterministic disks, no model
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--precision", choices=protocol.PRECISIONS, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: PyTorch's, one per core); "
                    "fewer than the cores when the computer has other work avoids thread contention")
     p.add_argument("--token", help="access token clients must send (prefer --token-file: others can read argv)")
