@@ -638,7 +638,7 @@ class SessionController:
     def _writer(volume_node, target, segment_id: str | None, axis: int) -> SliceBatchWriter:
         ijk_to_local = geometry.ijk_to_node_local(volume_node, target.segmentation_node)
         return SliceBatchWriter(target, segment_id, ijk_to_local, _shape_kji(volume_node), axis,
-                                reference=target.reference_geometry())
+                                reference=target.reference_geometry(), save_undo=False)  # `_action` saved it
 
 
 def _segment_ids(segmentation_node) -> list[str]:

@@ -204,14 +204,14 @@ class SliceBatchWriter:
 
     def __init__(self, target, segment_id: str | None, ijk_to_local: np.ndarray, shape_kji: tuple[int, int, int],
                  axis: int, max_slices: int = BATCH_MAX_SLICES, max_delay_s: float = BATCH_MAX_DELAY_S,
-                 clock: Callable[[], float] = time.monotonic, reference=None):
+                 clock: Callable[[], float] = time.monotonic, reference=None, save_undo: bool = True):
         self.target, self.segment_id = target, segment_id
         self.ijk_to_local, self.shape_kji, self.axis = ijk_to_local, tuple(shape_kji), axis
         self.max_slices, self.max_delay_s, self.clock = max_slices, max_delay_s, clock
         self.reference = reference
         self._pending: dict[str, dict[int, np.ndarray]] = {}
         self._first_pending_at: dict[str, float] = {}
-        self._undo_saved = False
+        self._undo_saved = not save_undo  # False when the caller saved the action's one undo state itself
         self.write_count = 0
         self.voxels_written = 0
         self.slices_written: set[int] = set()

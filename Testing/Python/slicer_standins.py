@@ -511,6 +511,15 @@ class ScriptedEffect(QObject):
         self._logic.ModifySegmentByLabelmap(node.GetSegmentationNode(), node.GetSelectedSegmentID(), labelmap,
                                             mode, extent, True, bypassMasking)
 
+    def modifySegmentByLabelmap(self, segmentationNode, segmentID, labelmap, mode, bypassMasking=False):
+        """The Q_INVOKABLE (node, segment id, labelmap, mode[, bypassMasking]) overload of
+        qSlicerSegmentEditorAbstractEffect.h (5.10): any segment, over the labelmap's own extent."""
+        logic_modes = slicer.vtkSlicerSegmentEditorLogic
+        mode = {AbstractEffectEnums.ModificationModeAdd: logic_modes.ModificationModeAdd,
+                AbstractEffectEnums.ModificationModeRemove: logic_modes.ModificationModeRemove}[mode]
+        self._logic.ModifySegmentByLabelmap(segmentationNode, segmentID, labelmap, mode,
+                                            list(labelmap.GetExtent()), True, bypassMasking)
+
     def xyToRas(self, point, viewWidget):
         """As qSlicerSegmentEditorAbstractEffect::xyToRas: XYToRAS of the view's slice node."""
         xy_to_ras = viewWidget.sliceLogic().GetSliceNode().GetXYToRAS()

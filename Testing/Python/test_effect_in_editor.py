@@ -266,6 +266,9 @@ def voxels_inside_ras_square(volume, k, low, high):
 
 def test_a_box_drawn_on_a_volume_rotated_in_plane_covers_the_drawn_square(editor, effect):
     rotate_in_plane(editor.volume, 25, (16.0, 16.0, 0.0))
+    # As a segmentation created over the rotated volume: the editor writes on the segmentation's reference lattice.
+    editor.segmentation.SetReferenceImageGeometryParameterFromVolumeNode(editor.volume)
+    editor.logic.UpdateReferenceGeometryImage()  # as the Segment Editor does when the geometry changes
     click(effect, editor.view, (10, 10), release_xy=(22, 22))  # a 12 x 12 mm square on screen
     inside = voxels_inside_ras_square(editor.volume, 5, 10.0, 22.0)
     written = editor.voxels("a")[5].astype(bool)

@@ -87,7 +87,7 @@ def sam2_model_described():
     model = dataclasses.replace(load_model(random_weights=True, kernels="torch"), checkpoint_name="MedSAM2_latest.pt",
                                 checkpoint_sha256="f" * 64, checkpoint_revision="0123456789abcdef" * 2 + "01234567",
                                 checkpoint_source="wanglab/MedSAM2")
-    with TestClient(make_app(Sam2Engine(model))) as http:
-        capabilities = http.get(protocol.CAPABILITIES).json()
+    with TestClient(make_app(Sam2Engine(model)), base_url="http://127.0.0.1") as http:  # a loopback Host
+        capabilities = http.get(protocol.CAPABILITIES, headers={protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)}).json()
     assert capabilities["engine"]["checkpoint_revision"].startswith("0123456789ab")
     return capabilities

@@ -75,8 +75,8 @@ def test_engine_server_client_and_panel_take_their_lists_from_the_protocol():
 
     from medsam2_backend.engine import DiskEngine
 
-    with TestClient(make_app(DiskEngine())) as http:
-        capabilities = http.get(protocol.CAPABILITIES, headers={protocol.PROTOCOL_HEADER: "1"}).json()
+    with TestClient(make_app(DiskEngine()), base_url="http://127.0.0.1") as http:  # a loopback Host
+        capabilities = http.get(protocol.CAPABILITIES, headers={protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)}).json()
     assert capabilities["preprocessing"]["ct_presets"] == list(protocol.CT_PRESETS)
     assert capabilities["volume"]["dtypes"] == list(protocol.VOLUME_DTYPES)
     assert panel_settings.choices_from_capabilities(capabilities) == {
