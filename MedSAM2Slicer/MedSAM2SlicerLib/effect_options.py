@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from medsam2_client.protocol import DIRECTIONS
 
-DEFAULTS = {"Direction": "both", "RangeStart": -1, "RangeStop": -1, "StopAfterEmpty": 0}
+DEFAULTS = {"Direction": "both", "RangeStart": -1, "RangeStop": -1, "StopAfterEmpty": 0, "AllSegments": 0}
 
 # KeySym (as vtkRenderWindowInteractor::GetKeySym reports it) -> effect action.
 SHORTCUTS = {"p": "propagate", "Return": "propagate", "KP_Enter": "propagate", "c": "cancel",

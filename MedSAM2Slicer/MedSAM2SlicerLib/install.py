@@ -103,7 +103,7 @@ def shipped_backend_dir(module_dir) -> pathlib.Path | None:
 def shipped_backend_version(backend_dir: pathlib.Path) -> str:
     import tomllib
 
-    return tomllib.loads((backend_dir / "pyproject.toml").read_text())["project"]["version"]
+    return tomllib.loads((backend_dir / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
 
 
 def _torch_sizes(pytorch_utils) -> tuple[int, int]:

@@ -398,7 +398,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return {"Direction": (combo, "currentIndexChanged(int)", lambda: combo.currentText,
                               lambda value: setattr(combo, "currentText", value)),
                 "RangeStart": spin(self.rangeStartSpinBox), "RangeStop": spin(self.rangeStopSpinBox),
-                "StopAfterEmpty": spin(self.stopAfterEmptySpinBox)}
+                "StopAfterEmpty": spin(self.stopAfterEmptySpinBox),
+                "AllSegments": (self.allSegmentsCheckBox, "toggled(bool)", lambda: int(self.allSegmentsCheckBox.checked),
+                                lambda value: setattr(self.allSegmentsCheckBox, "checked", bool(value)))}
 
     def setMRMLDefaults(self):
         for name, value in effect_options.DEFAULTS.items():

@@ -115,7 +115,13 @@ class QPushButton(QAbstractButton):
 
 
 class QCheckBox(QAbstractButton):
-    pass
+    PROPERTIES = {"checkable": True}  # a check box is checkable; setting `checked` emits toggled(bool), as in Qt
+
+    def __setattr__(self, name, value):
+        changed = name == "checked" and bool(value) != bool(self.checked)
+        super().__setattr__(name, value)
+        if changed:
+            fire(self, "toggled(bool)", bool(value))
 
 
 class QComboBox(QWidget):
@@ -650,7 +656,7 @@ def gui_stubs(monkeypatch):
             if not isinstance(getattr(module, class_name, None), type):
                 assert set(vars(module)) <= {"__name__", "__doc__", "__package__", "__loader__", "__spec__"}, (
                     f"Slicer would execute {path} over the imported package {folder}")
-                exec(compile(pathlib.Path(path).read_text(), path, "exec"), vars(module))
+                exec(compile(pathlib.Path(path).read_text(encoding="utf-8"), path, "exec"), vars(module))
             assert isinstance(getattr(module, class_name, None), type), f"{folder}.{class_name} is not a class"
             object.__setattr__(self, "_python_self", getattr(module, class_name)(self))
             registered.append(path)

@@ -114,7 +114,7 @@ def test_the_same_client_already_loaded_is_fine(tmp_path):
 
 
 def test_the_effect_imports_the_library_before_the_client():
-    tree = ast.parse((MODULE_DIR / "SegmentEditorMedSAM2Lib" / "SegmentEditorEffect.py").read_text())
+    tree = ast.parse((MODULE_DIR / "SegmentEditorMedSAM2Lib" / "SegmentEditorEffect.py").read_text(encoding="utf-8"))
     modules = [node.module for node in tree.body if isinstance(node, ast.ImportFrom)]
     first_client = min(i for i, m in enumerate(modules) if m.startswith("medsam2_client"))
     assert any(m.startswith("MedSAM2SlicerLib") for m in modules[:first_client])

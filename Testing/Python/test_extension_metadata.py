@@ -42,14 +42,14 @@ SIZE_LIMIT_MB = 100
 
 
 def _cmake_value(key: str) -> str:
-    match = re.search(rf'set\s*\(EXTENSION_{key}\s*"([^"]+)"[ ]*\)', (ROOT / "CMakeLists.txt").read_text())
+    match = re.search(rf'set\s*\(EXTENSION_{key}\s*"([^"]+)"[ ]*\)', (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
     assert match, f"EXTENSION_{key} is not set in the top-level CMakeLists.txt"
     return match.group(1)
 
 
 def _repository_file(url: str) -> pathlib.Path:
     """The file a raw.githubusercontent.com URL of this repository's catalog revision names."""
-    entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text())
+    entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text(encoding="utf-8"))
     owner_repo = urllib.parse.urlsplit(HOMEPAGE).path.strip("/")
     prefix = f"https://raw.githubusercontent.com/{owner_repo}/{entry['scm_revision']}/"
     assert url.startswith(prefix), f"{url} is not a file of {owner_repo} at {entry['scm_revision']}"
@@ -59,7 +59,7 @@ def _repository_file(url: str) -> pathlib.Path:
 def test_catalog_entry_matches_schema_v1_0_1_and_the_index_rules():
     path = ROOT / "MedSAM2Slicer.json"
     assert b"\r" not in path.read_bytes()  # the index refuses CR/CRLF line endings
-    entry = json.loads(path.read_text())
+    entry = json.loads(path.read_text(encoding="utf-8"))
     assert entry["$schema"] == SCHEMA_URL
     assert SCHEMA_REQUIRED <= set(entry) <= set(SCHEMA_TYPES), set(entry) - set(SCHEMA_TYPES)
     for key, value in entry.items():
@@ -69,21 +69,21 @@ def test_catalog_entry_matches_schema_v1_0_1_and_the_index_rules():
     assert entry["category"] in ACCEPTED_CATEGORIES
     assert urllib.parse.urlsplit(entry["scm_url"]).scheme in {"git", "https"}
     # `project()` in the top CMakeLists equals the catalog file's name; the extension name may not start "Slicer".
-    project = re.search(r"project\s*\(\s*([^\s)]+)", (ROOT / "CMakeLists.txt").read_text(), re.I).group(1)
+    project = re.search(r"project\s*\(\s*([^\s)]+)", (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"), re.I).group(1)
     assert project == path.stem and not project.lower().startswith("slicer")
     assert _cmake_value("CATEGORY") == entry["category"]
 
 
 def test_pytorch_is_declared_as_dependency_in_cmake_and_catalog():
-    entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text())
+    entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text(encoding="utf-8"))
     assert _cmake_value("DEPENDS").split() == entry["build_dependencies"] == ["PyTorch"]
 
 
 def test_one_homepage_everywhere():
-    entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text())
+    entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text(encoding="utf-8"))
     assert _cmake_value("HOMEPAGE") == HOMEPAGE and _cmake_value("HOMEPAGE").startswith("https://")
     assert entry["scm_url"].removesuffix(".git") == HOMEPAGE
-    pyproject = tomllib.loads((ROOT / "backend" / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((ROOT / "backend" / "pyproject.toml").read_text(encoding="utf-8"))
     assert pyproject["project"]["urls"]["Homepage"] == HOMEPAGE
     owner_repo = urllib.parse.urlsplit(HOMEPAGE).path.strip("/")
     # Any mention of this project's GitHub repository, in any tracked text file, names the same one.
@@ -101,10 +101,10 @@ def test_one_homepage_everywhere():
 def test_license_at_the_root_says_apache_and_that_weights_are_not_shipped():
     found = [name for name in LICENSE_NAMES if (ROOT / name).is_file()]
     assert found == ["LICENSE"]
-    text = (ROOT / "LICENSE").read_text()
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "CC-BY-SA-4.0" in text and "never" in text and "shipped" in text
-    pyproject = tomllib.loads((ROOT / "backend" / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((ROOT / "backend" / "pyproject.toml").read_text(encoding="utf-8"))
     assert pyproject["project"]["license"] == "Apache-2.0"
     assert not [p for p in ROOT.rglob("*.pt") if ".venv" not in p.parts]  # no weights in the tree
 
@@ -133,7 +133,7 @@ def test_the_backend_source_ships_inside_the_extension_where_the_installer_looks
     tree and install tree); `install.shipped_backend_dir` looks there first."""
     from MedSAM2SlicerLib import install
 
-    cmake = (ROOT / "MedSAM2Slicer" / "CMakeLists.txt").read_text()
+    cmake = (ROOT / "MedSAM2Slicer" / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "set(MEDSAM2_BACKEND_RESOURCE_DIR Resources/backend)" in cmake
     for source in ("backend/pyproject.toml", "backend/src"):
         assert re.search(rf"file\(COPY \$\{{PROJECT_SOURCE_DIR\}}/{source} DESTINATION "
@@ -151,7 +151,7 @@ def test_the_backend_source_ships_inside_the_extension_where_the_installer_looks
 
 def test_cmake_range_is_slicer_5_10s():
     assert re.match(r"cmake_minimum_required\(VERSION 3\.20\.6\.\.\.3\.22\.6 FATAL_ERROR\)",
-                    (ROOT / "CMakeLists.txt").read_text())
+                    (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
 
 
 def test_repository_is_under_the_size_limit():

@@ -30,7 +30,7 @@ def test_module_registers_the_effect_at_startup(gui_stubs):
     MedSAM2Slicer.register_effect()
     path = pathlib.Path(gui_stubs[0])
     assert path == MODULE_DIR / "SegmentEditorMedSAM2Lib" / "SegmentEditorEffect.py" and path.is_file()
-    classes = [n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]
+    classes = [n.name for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, ast.ClassDef)]
     assert path.stem in classes  # the Segment Editor instantiates the class named like the file
 
 
@@ -63,8 +63,8 @@ def test_widget_sets_up_and_every_ui_name_it_uses_exists(gui_stubs):
     from MedSAM2SlicerLib import panel_settings
 
     names = _ui_names()
-    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "MedSAM2Slicer.py").read_text()))
-    used |= set(re.findall(r"\bui\.(\w+)", (MODULE_DIR / "MedSAM2Slicer.py").read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "MedSAM2Slicer.py").read_text(encoding="utf-8")))
+    used |= set(re.findall(r"\bui\.(\w+)", (MODULE_DIR / "MedSAM2Slicer.py").read_text(encoding="utf-8")))
     assert len(used) > 20 and used <= names, used - names
 
     def new_widget():  # QSettings' store survives the widget: a "restart" is a second widget reading it
@@ -130,17 +130,17 @@ def test_effect_imports_and_builds_its_options(gui_stubs):
 
 def test_library_never_imports_qt_ctk_or_the_app():
     for path in (MODULE_DIR / "MedSAM2SlicerLib").glob("*.py"):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & {"qt", "ctk", "SegmentEditorEffects"}, path
-        assert "slicer.app" not in path.read_text(), path
+        assert "slicer.app" not in path.read_text(encoding="utf-8"), path
 
 
 def test_cmake_lists_every_python_file_and_resource():
-    cmake = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "MedSAM2Slicer")
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "MedSAM2Slicer")
     listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui))\s*$", cmake, re.M))
     client_listed = {p for p in listed if p.startswith("medsam2_client/")}
     engine_listed = {p for p in listed if p.startswith("medsam2_backend/")}  # the self-test's engine (below)
@@ -152,7 +152,7 @@ def test_cmake_lists_every_python_file_and_resource():
     assert client_listed == {str(p.relative_to(client_dir)) for p in (client_dir / "medsam2_client").glob("*.py")}
     assert re.search(r"SOURCE_DIR \$\{PROJECT_SOURCE_DIR\}/backend/src\s", cmake)
     assert not list(MODULE_DIR.rglob("medsam2_client"))
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
         assert re.search(rf'set\(EXTENSION_{key} "[^"]+"\)', top), key
     assert "add_subdirectory(MedSAM2Slicer)" in top and "${Slicer_EXTENSION_CPACK}" in top
@@ -161,14 +161,14 @@ def test_cmake_lists_every_python_file_and_resource():
 def test_extensions_index_entry_is_complete():
     import json
 
-    entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text())
+    entry = json.loads((ROOT / "MedSAM2Slicer.json").read_text(encoding="utf-8"))
     assert entry["category"] == "Segmentation"
     assert entry["scm_url"].endswith(".git") and entry["scm_revision"]
     assert entry["build_dependencies"] == ["PyTorch"]  # the PyTorch extension installs torch for the GPU driver
 
 
 def test_the_self_test_engine_ships_with_everything_it_imports_at_load_and_nothing_slicer_lacks():
-    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     block = re.search(r"set\(MEDSAM2_TEST_ENGINE_PYTHON_SCRIPTS\n(.*?)\)", cmake, re.S).group(1)
     shipped = set(block.split())
     src = ROOT / "backend" / "src"
@@ -177,7 +177,7 @@ def test_the_self_test_engine_ships_with_everything_it_imports_at_load_and_nothi
                       "medsam2_client"}
     for relative in shipped:
         path = src / relative
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in tree.body:  # module level: what runs at import (load_engine imports SAM-2 lazily, inside)
             if isinstance(node, ast.Import):
                 assert {a.name.split(".")[0] for a in node.names} <= slicers_python, (relative, ast.dump(node))
@@ -187,7 +187,7 @@ def test_the_self_test_engine_ships_with_everything_it_imports_at_load_and_nothi
                 target = f"{pathlib.PurePosixPath(relative).parent}/{node.module}.py"
                 assert target in shipped, (relative, target)
     assert re.search(r"DESTINATION_DIR .*/MedSAM2SlicerTesting\n", cmake)
-    module = (MODULE_DIR / "MedSAM2Slicer.py").read_text()
+    module = (MODULE_DIR / "MedSAM2Slicer.py").read_text(encoding="utf-8")
     assert '"MedSAM2SlicerTesting"' in module and "sys.path.append(TEST_ENGINE_DIR)" in module
 
 

@@ -83,7 +83,7 @@ def test_the_shipped_backend_is_found_with_its_version(tmp_path):
     module = tmp_path / "qt-scripted-modules"  # an installed extension: the module's Resources/backend
     assert install.shipped_backend_dir(module) is None
     (module / "Resources" / "backend" / "src" / "medsam2_backend").mkdir(parents=True)
-    (module / "Resources" / "backend" / "pyproject.toml").write_text((backend / "pyproject.toml").read_text())
+    (module / "Resources" / "backend" / "pyproject.toml").write_text((backend / "pyproject.toml").read_text(encoding="utf-8"))
     assert install.shipped_backend_dir(module) == module / "Resources" / "backend"
 
 
@@ -131,13 +131,13 @@ def test_without_the_pytorch_extension_torch_comes_from_pip_first():
 
 
 def test_the_flags_are_the_makefiles():
-    makefile = (ROOT / "Makefile").read_text()
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     version = re.search(r"^SAM2_VERSION := (\S+)", makefile, re.M).group(1)
     line = re.search(r"^\t(SAM2_BUILD_CUDA=0) \$\(PIP\) install -q --disable-pip-version-check (.*) sam2==", makefile,
                      re.M)
     assert install.SAM2_REQUIREMENT == f"sam2=={version}"
     assert line.group(2).split() == install.SAM2_PIP_FLAGS and install.SAM2_ENVIRONMENT == {"SAM2_BUILD_CUDA": "0"}
-    requirements = (ROOT / "requirements-dev.txt").read_text().split()
+    requirements = (ROOT / "requirements-dev.txt").read_text(encoding="utf-8").split()
     for dependency in ("hydra-core", "iopath", "tqdm"):  # the Makefile installs sam2's pure deps beforehand
         assert any(r.startswith(dependency) for r in requirements)
     assert all(any(d.startswith(name) for d in install.SAM2_DEPENDENCIES)

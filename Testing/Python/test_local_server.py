@@ -158,7 +158,7 @@ def test_in_the_app_the_server_gets_slicers_startup_environment(monkeypatch):
 def _alive(pid: int) -> bool:
     """Whether a process exists and is not a zombie (an orphan's zombie may wait for a reaper)."""
     try:
-        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
@@ -180,7 +180,7 @@ def launched_server(tmp_path, monkeypatch):
         sys.executable, str(launcher), str(pid_file), "-m", "medsam2_backend.server.cli"])
     server = LocalServer(test_engine=True, ready_timeout=120)
     server.start()
-    child = int(pid_file.read_text())
+    child = int(pid_file.read_text(encoding="utf-8"))
     assert _alive(child) and child != server.process.pid
     yield server, child
     if _alive(child):

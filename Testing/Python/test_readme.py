@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def readme_block(marker: str) -> str:
     """The ```python block that follows `<!-- README example: {marker} -->`."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     match = re.search(rf"<!-- README example: {re.escape(marker)} -->\n```python\n(.*?)\n```", text, re.S)
     assert match, f"README has no block marked {marker!r}"
     return match.group(1)

@@ -89,12 +89,12 @@ def test_local_ray_cohort_with_test_engine_and_resume(cohort_folder, tmp_path, c
     single = tmp_path / "single"
     assert main(["segment", str(tmp_path / "data" / "mr.nii.gz"), "--from-labels",
                  str(tmp_path / "data" / "mr_labels.nii.gz"), "-o", str(single), "--test-engine"]) == 0
-    alone = json.loads((single / "report.json").read_text())
+    alone = json.loads((single / "report.json").read_text(encoding="utf-8"))
     for obj, row in zip(alone["objects"], by_case["mr"]):
         assert float(row["dice"]) == pytest.approx(obj["metrics"]["dice"])
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "mr" / "mr_labels.nii.gz"))),
                                   sitk.GetArrayFromImage(sitk.ReadImage(alone["outputs"]["label_map"])))
-    summary = json.loads((out / "cohort_summary.json").read_text())
+    summary = json.loads((out / "cohort_summary.json").read_text(encoding="utf-8"))
     assert summary["ok"] == 3 and [f["id"] for f in summary["failed"]] == ["broken"]
     dices = [float(r["dice"]) for r in rows if r["dice"]]
     assert summary["metrics"]["dice"]["mean"] == pytest.approx(np.mean(dices))
@@ -106,13 +106,13 @@ def test_local_ray_cohort_with_test_engine_and_resume(cohort_folder, tmp_path, c
     # Again: finished cases are skipped (their files untouched), the failed one is tried again.
     stamp = (out / "chest" / "report.json").stat().st_mtime_ns
     assert main(["batch", str(cohort_folder), "-o", str(out), "--test-engine", "--workers", "2"]) == 0
-    summary = json.loads((out / "cohort_summary.json").read_text())
+    summary = json.loads((out / "cohort_summary.json").read_text(encoding="utf-8"))
     assert (summary["ok"], summary["skipped"], len(summary["failed"])) == (0, 3, 1)
     assert (out / "chest" / "report.json").stat().st_mtime_ns == stamp
     # A changed option changes the result, so nothing is skipped.
     assert main(["batch", str(cohort_folder), "-o", str(out), "--test-engine", "--nsd-tolerance-mm", "3",
                  "--no-ray"]) == 0
-    assert json.loads((out / "cohort_summary.json").read_text())["ok"] == 3
+    assert json.loads((out / "cohort_summary.json").read_text(encoding="utf-8"))["ok"] == 3
 
 
 def test_bad_manifest_is_one_sentence(tmp_path, capsys):
@@ -163,7 +163,7 @@ def test_ray_address_runs_on_an_existing_cluster(cohort_folder, tmp_path):
                 break
             time.sleep(1)
         assert code == 0
-        summary = json.loads((out / "cohort_summary.json").read_text())
+        summary = json.loads((out / "cohort_summary.json").read_text(encoding="utf-8"))
         assert summary["ok"] == 3 and len(summary["failed"]) == 1
     finally:
         head.send_signal(signal.SIGTERM)
@@ -185,7 +185,7 @@ def test_killed_run_resumes_without_redoing_finished_cases(tmp_path):
     finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/report.json")}
     assert 0 < len(finished) < 6, "the kill should land between the first and the last case"
     assert subprocess.run(command, capture_output=True).returncode == 0
-    summary = json.loads((out / "cohort_summary.json").read_text())
+    summary = json.loads((out / "cohort_summary.json").read_text(encoding="utf-8"))
     assert summary["skipped"] == len(finished) and summary["ok"] == 6 - len(finished)
     for case, stamp in finished.items():
         assert (out / case / "report.json").stat().st_mtime_ns == stamp
@@ -203,7 +203,7 @@ def test_ray_cohort_with_random_sam2_weights(tmp_path):
     out = tmp_path / "out"
     assert main(["batch", str(manifest), "-o", str(out), "--random-weights", "--label-values", "5",
                  "--preset", "lung", "--workers", "1", "--threads", "2"]) == 0
-    report = json.loads((out / "chest" / "report.json").read_text())
+    report = json.loads((out / "chest" / "report.json").read_text(encoding="utf-8"))
     assert report["model"]["random_weights"] and report["model"]["checkpoint"] == "random weights"
     obj = report["objects"][0]
     assert obj["name"] == "label 5" and 0 <= obj["metrics"]["dice"] <= 1

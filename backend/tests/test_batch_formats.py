@@ -90,7 +90,7 @@ def assert_same_grid(itk, reference):
 
 def read_outputs(out, reference):
     """The label map (SimpleITK) and the .seg.nrrd (slicerio), both checked against the input's grid."""
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     label_itk = sitk.ReadImage(report["outputs"]["label_map"])
     assert_same_grid(label_itk, reference)
     seg = slicerio.read_segmentation(report["outputs"]["seg_nrrd"])
@@ -410,9 +410,9 @@ def test_dicom_folder_with_two_series_says_so_and_takes_the_option(tmp_path, cap
     assert main(["segment", str(folder), "--test-engine", "-o", str(tmp_path / "o1")]) == 0
     err = capsys.readouterr().err
     assert "holds 2 series" in err and small in err and "--series" in err
-    assert json.loads((tmp_path / "o1" / "report.json").read_text())["image"]["size_ijk"] == [128, 128, 12]
+    assert json.loads((tmp_path / "o1" / "report.json").read_text(encoding="utf-8"))["image"]["size_ijk"] == [128, 128, 12]
     assert main(["segment", str(folder), "--test-engine", "--series", small, "-o", str(tmp_path / "o2")]) == 0
-    assert json.loads((tmp_path / "o2" / "report.json").read_text())["image"]["size_ijk"] == [128, 128, 6]
+    assert json.loads((tmp_path / "o2" / "report.json").read_text(encoding="utf-8"))["image"]["size_ijk"] == [128, 128, 6]
     assert main(["segment", str(folder), "--test-engine", "--series", "1.2.3"]) == 2
     assert "has no series 1.2.3" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

@@ -127,7 +127,7 @@ def test_first_use_downloads_verifies_and_records_the_hash_and_revision(hub, tmp
     verified = fetch_known(NAME, tmp_path)
     assert verified.path == tmp_path / FILENAME and verified.path.read_bytes() == PAYLOAD
     assert verified.sha256 == hashlib.sha256(PAYLOAD).hexdigest() and verified.revision == COMMIT
-    record = json.loads(record_path(verified.path).read_text())
+    record = json.loads(record_path(verified.path).read_text(encoding="utf-8"))
     assert record["sha256"] == verified.sha256 and record["revision"] == COMMIT
     assert record["repo_id"] == "wanglab/MedSAM2" and record["size"] == len(PAYLOAD)
     assert len(hub.gets()) == 1, "downloaded once"
@@ -151,7 +151,7 @@ def test_updating_is_explicit_and_takes_the_hubs_current_file(hub, tmp_path):
     hub.files[FILENAME], hub.commit = new, NEW_COMMIT
     updated = fetch_known(NAME, tmp_path, update=True)
     assert updated.revision == NEW_COMMIT and updated.path.read_bytes() == new
-    assert json.loads(record_path(updated.path).read_text())["revision"] == NEW_COMMIT
+    assert json.loads(record_path(updated.path).read_text(encoding="utf-8"))["revision"] == NEW_COMMIT
     gets = len(hub.gets())
     assert fetch_known(NAME, tmp_path, update=True).revision == NEW_COMMIT
     assert len(hub.gets()) == gets, "an update to the file already cached asks the Hub but downloads nothing"
@@ -341,11 +341,11 @@ def test_medsam2_segment_demo_uses_the_default_checkpoint_or_falls_back_loudly(h
 
     chosen = []
 
-    def record_choice(volume_path, out_dir, **options):  # stands in for the segmentation itself: only the choice
-        chosen.append((options["checkpoint"], options["random_weights"]))
+    def record_choice(args):  # stands in for the segmentation itself: only the model chosen is looked at
+        chosen.append((args.checkpoint, args.random_weights))
         raise EngineInputError("stop here.")
 
-    monkeypatch.setattr(cli, "segment_file", record_choice)
+    monkeypatch.setattr(cli, "_segment", record_choice)
     monkeypatch.setenv("MEDSAM2_CACHE", str(tmp_path / "cache"))
     assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 2
     assert chosen[-1] == (str(tmp_path / "cache" / FILENAME), False)

@@ -24,7 +24,7 @@ def test_segment_writes_seg_nrrd_on_the_volume_grid(tmp_path, capsys):
     np.testing.assert_allclose(seg["ijkToLPS"][:3, :3], np.diag([-0.8, -0.8, 2.5]))
     np.testing.assert_allclose(seg["ijkToLPS"][:3, 3], [10, 20, -30])
     assert seg["segments"][0]["name"] == "MedSAM2 (random weights)"
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     obj = report["objects"][0]
     assert obj["axis"] == "k" and obj["steps"] == [{"slice_index": 1, "box": [5, 5, 30, 25]}]
     assert obj["voxels"] == int((seg["voxels"] > 0).sum())

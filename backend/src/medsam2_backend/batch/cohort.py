@@ -124,7 +124,7 @@ def process_case(engine, case: Case, out_root: pathlib.Path, options: CaseOption
         previous = out_dir / "report.json"
         if previous.exists():
             try:
-                old = json.loads(previous.read_text())
+                old = json.loads(previous.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 old = {}
             if old.get("status") == "ok" and old.get("resume_key") == key:

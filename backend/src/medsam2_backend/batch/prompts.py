@@ -93,7 +93,7 @@ def load_prompts(path: str | pathlib.Path, ijk_to_ras: np.ndarray, shape_kji: tu
     """Read and check a prompts file against the image's grid; `axis` is the default for objects without one."""
     path = pathlib.Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise CaseInputError(f"The prompts file {path} could not be read ({e.strerror}).") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -111,7 +111,7 @@ def verify_recorded(path: os.PathLike) -> VerifiedCheckpoint | None:
     """
     path = pathlib.Path(path)
     try:
-        record = json.loads(record_path(path).read_text())
+        record = json.loads(record_path(path).read_text(encoding="utf-8"))
         recorded = str(record["sha256"]).lower()
     except (OSError, ValueError, KeyError, TypeError):
         return None

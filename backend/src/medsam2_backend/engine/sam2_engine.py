@@ -95,9 +95,7 @@ class FeatureCache:
     def shrink(self, budget_bytes: int) -> None:
         """Lower (or raise) the budget, dropping least-recently-used slices until the cache fits it."""
         self.budget_bytes = budget_bytes
-        while self._entries and self.nbytes > budget_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.nbytes -= sum(f.numel() * f.element_size() for f in evicted)
+        self._evict()  # the same rule as on every insert: least recently used first, pinned slices kept
 
     def clear(self) -> None:
         self._entries.clear()

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         return _fail("the token given with --token is empty or only whitespace.")
     if args.token_file is not None:
         try:
-            token = args.token_file.read_text().strip()
+            token = args.token_file.read_text(encoding="utf-8").strip()
         except OSError as e:
             return _fail(f"cannot read the token file {args.token_file}: {e.strerror}.")
         if not token:
