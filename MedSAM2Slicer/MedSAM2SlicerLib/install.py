@@ -292,7 +292,7 @@ def probe_torch(python: str | None = None, timeout: float = 180.0) -> dict:
     """torch, CUDA and package versions as the server's Python sees them, from a child process (torch is never
     loaded into Slicer's process, and a broken CUDA setup cannot take Slicer down)."""
     try:
-        done = subprocess.run([python or sys.executable, "-c", _PROBE], capture_output=True, text=True,
+        done = subprocess.run([python or sys.executable, "-c", _PROBE], capture_output=True, encoding="utf-8", errors="replace",
                               timeout=timeout, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as error:
         return {"probe_error": _one_line(error)}

@@ -80,7 +80,7 @@ def _python(code: str, site: pathlib.Path) -> subprocess.CompletedProcess:
     """Run `code` with `site` (a stand-in site-packages) before the module folder on sys.path, as in Slicer; the
     source checkout's module folder only (Developer mode: add module path), not backend/src."""
     setup = f"import sys; sys.path[:0] = [{str(site)!r}]; sys.path.append({str(MODULE_DIR)!r})\n"
-    return subprocess.run([sys.executable, "-c", setup + code], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", setup + code], capture_output=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 @pytest.fixture

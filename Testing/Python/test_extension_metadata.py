@@ -87,7 +87,7 @@ def test_one_homepage_everywhere():
     assert pyproject["project"]["urls"]["Homepage"] == HOMEPAGE
     owner_repo = urllib.parse.urlsplit(HOMEPAGE).path.strip("/")
     # Any mention of this project's GitHub repository, in any tracked text file, names the same one.
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", check=True).stdout
     mentions = set()
     for name in tracked.split():
         file = ROOT / name
@@ -155,7 +155,7 @@ def test_cmake_range_is_slicer_5_10s():
 
 
 def test_repository_is_under_the_size_limit():
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", check=True)
     size = sum((ROOT / name).stat().st_size for name in tracked.stdout.split("\0") if (ROOT / name).is_file())
     assert size < SIZE_LIMIT_MB * 2**20
 

@@ -52,7 +52,7 @@ def start_server_process(*args: str, port: int | None = None, ready_timeout: flo
     env = dict(os.environ, TQDM_DISABLE="1")
     proc = subprocess.Popen([sys.executable, "-m", "medsam2_backend.server.cli", "--port", str(port),
                              "--log-level", "warning", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
     url = f"http://127.0.0.1:{port}"
     client = MedSAM2Client(url, connect_timeout=1.0)
     deadline = time.monotonic() + ready_timeout

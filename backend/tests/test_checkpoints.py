@@ -277,7 +277,7 @@ def _server(env_updates, *args):
     env = dict(os.environ, **env_updates)
     started = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "medsam2_backend.server.cli", "--checkpoint", NAME, "--port", "9",
-                        *args], capture_output=True, text=True, timeout=60, env=env)
+                        *args], capture_output=True, encoding="utf-8", errors="replace", timeout=60, env=env)
     return r, time.monotonic() - started
 
 
@@ -298,7 +298,7 @@ def test_the_server_refuses_a_replaced_cached_checkpoint(hub, tmp_path):
     r, _ = _server({}, "--random-weights")
     assert r.returncode == 2 and "exactly one of" in r.stderr
     r = subprocess.run([sys.executable, "-m", "medsam2_backend.server.cli", "--random-weights", "--update-checkpoint"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=60)
     assert r.returncode == 2 and "--update-checkpoint goes with --checkpoint" in r.stderr
 
 

@@ -15,26 +15,26 @@ from server_helpers import box_mask, free_port, random_volume, start_server_proc
 
 def test_refuses_a_network_address_without_a_token():
     r = subprocess.run([sys.executable, "-m", "medsam2_backend.server.cli", "--host", "0.0.0.0", "--test-engine"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=60)
     assert r.returncode == 2
     assert "refusing to listen on 0.0.0.0 without an access token" in r.stderr
 
 
 def test_needs_exactly_one_model_choice():
     r = subprocess.run([sys.executable, "-m", "medsam2_backend.server.cli", "--test-engine", "--random-weights"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=60)
     assert r.returncode == 2 and "exactly one of" in r.stderr
 
 
 def test_threads_must_be_positive():
     r = subprocess.run([sys.executable, "-m", "medsam2_backend.server.cli", "--test-engine", "--threads", "0"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=60)
     assert r.returncode == 2 and "--threads must be at least 1" in r.stderr
 
 
 def test_a_whitespace_token_is_refused_at_start():
     r = subprocess.run([sys.executable, "-m", "medsam2_backend.server.cli", "--test-engine", "--token", "  \t "],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=60)
     assert r.returncode == 2 and "empty or only whitespace" in r.stderr
 
 
