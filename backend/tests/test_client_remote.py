@@ -230,3 +230,13 @@ def test_upload_progress_is_reported_and_only_for_an_upload(client):
     assert seen and seen[-1] == 1.0 and seen == sorted(seen)
     again = []
     assert client.open_session(vol, upload_progress=again.append).uploads == 0 and again == []
+
+
+def test_a_stream_longer_than_the_idle_body_deadline_is_not_cut():
+    """The idle-body deadline bounds a request body; a propagation streams for as long as it computes (here 12
+    slices at 0.1 s against a 0.3 s deadline: on the old gate the stream broke off with IncompleteRead)."""
+    engine = SlowDiskEngine(0.1, radius=5, shrink=0)
+    with thread_server(engine, body_idle_s=0.3) as (url, _):
+        s = MedSAM2Client(url, timeout=20).open_session(random_volume((12, 16, 16)))
+        s.add_prompt(1, 0, box=(2, 2, 9, 9))
+        assert len(list(s.propagate())) == 12  # every slice, the prompted one included

@@ -129,12 +129,21 @@ class Gate:
         return None
 
     def _deadline(self, receive):
+        """`receive` bounded by the idle-body deadline while the body arrives; after its last part, unbounded: a
+        streaming response then waits on `receive()` for the client's disconnect for as long as it streams."""
+        body_done = False
+
         async def receive_within_deadline():
+            nonlocal body_done
+            if body_done:
+                return await receive()
             try:
-                return await asyncio.wait_for(receive(), self.body_idle_s)
+                message = await asyncio.wait_for(receive(), self.body_idle_s)
             except asyncio.TimeoutError:
                 raise ApiError(protocol.BAD_REQUEST, f"The request body stopped arriving for "
                                f"{self.body_idle_s:g} s; send the request again.") from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
         return receive_within_deadline
 
     async def _read_json_body(self, scope, receive) -> bytes:
