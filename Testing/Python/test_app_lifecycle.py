@@ -39,12 +39,18 @@ def prompt(logic, volume, segmentation, segment_id, x):
     logic.segment(volume, segmentation, segment_id, points_ras=[[x, 12.0, 4.0]], view="axial", propagate=False)
 
 
-def test_close_scene_forgets_sessions_and_prompts_though_node_ids_are_reused(mrml):
+def watching_logic(scene):
+    """A logic on a counting in-process backend that watches `scene` for closes and removals."""
     logic = MedSAM2SlicerLogic()
     backend = CountingBackend()
     logic.connect(engine=backend.engine)
     logic.controller.backend = backend
-    logic.watch_scene(mrml)
+    logic.watch_scene(scene)
+    return logic, backend
+
+
+def test_close_scene_forgets_sessions_and_prompts_though_node_ids_are_reused(mrml):
+    logic, backend = watching_logic(mrml)
     volume, segmentation, segment_id = load_case(mrml)
     ids = (volume.GetID(), segmentation.GetID())
     prompt(logic, volume, segmentation, segment_id, 6.0)
@@ -59,11 +65,7 @@ def test_close_scene_forgets_sessions_and_prompts_though_node_ids_are_reused(mrm
 
 
 def test_removing_a_volume_forgets_its_sessions(mrml):
-    logic = MedSAM2SlicerLogic()
-    backend = CountingBackend()
-    logic.connect(engine=backend.engine)
-    logic.controller.backend = backend
-    logic.watch_scene(mrml)
+    logic, backend = watching_logic(mrml)
     volume, segmentation, segment_id = load_case(mrml)
     prompt(logic, volume, segmentation, segment_id, 6.0)
     mrml.RemoveNode(segmentation)
