@@ -65,7 +65,7 @@ def test_close_scene_forgets_sessions_and_prompts_though_node_ids_are_reused(mrm
 
 
 def test_removing_a_volume_forgets_its_sessions(mrml):
-    logic, backend = watching_logic(mrml)
+    logic, _backend = watching_logic(mrml)
     volume, segmentation, segment_id = load_case(mrml)
     prompt(logic, volume, segmentation, segment_id, 6.0)
     mrml.RemoveNode(segmentation)
