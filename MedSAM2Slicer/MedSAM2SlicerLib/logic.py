@@ -279,6 +279,7 @@ class MedSAM2SlicerLogic:
         if segmentation_node.GetNodeReference(
                 slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is None:
             segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        _settle_display(segmentation_node)
         target = self._targets.get(segmentation_node.GetID())
         if target is None:
             target = self._targets[segmentation_node.GetID()] = EditorLogicTarget(segmentation_node, volume_node)
@@ -364,3 +365,26 @@ def shared_logic() -> MedSAM2SlicerLogic:
     if _shared_logic is None:
         _shared_logic = MedSAM2SlicerLogic()
     return _shared_logic
+
+
+# vtkSegment's "no colour yet" grey: the display node replaces it with a generated colour, at the latest at the
+# segment's first export (slicer.util.arrayFromSegmentBinaryLabelmap, a view update).
+_UNSET_COLOUR = (0.5, 0.5, 0.5)
+
+
+def _settle_display(segmentation_node) -> None:
+    """Give a segmentation the console writes into its display node (so it shows in the views, as the app's
+    Segment Editor gives it one) and its segments their colours now, before any undo state is saved.
+
+    A colour assigned later is a segment modification outside any action: after an Undo, vtkSegmentationHistory
+    takes it for a new edit, drops the redo states and adds an undo step that changes nothing."""
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    display = segmentation_node.GetDisplayNode()
+    segmentation = segmentation_node.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        if tuple(segment.GetColor()) == _UNSET_COLOUR:
+            colour = [0.0, 0.0, 0.0]
+            display.GenerateSegmentColor(colour)
+            segment.SetColor(colour)

@@ -460,6 +460,27 @@ def test_console_and_segment_editor_share_one_history_and_the_model_follows(mrml
     assert np.array_equal(_segment(segmentation, a, volume), after_prompt)
 
 
+def test_console_actions_are_one_undo_step_each_when_nothing_is_read_between_them(mrml):
+    """As a console script runs: no export between the actions. A new segment's colour was set lazily at its
+    first export, after the undo; Slicer's history took that for an edit, dropped the redo and added an empty
+    undo step."""
+    volume, segmentation, logic = _console(mrml)
+    a = logic.segment(volume, segmentation, points_ras=_point(5), propagate=False)
+    logic.propagate(volume, segmentation, a)
+    logic.segment(volume, segmentation, a, points_ras=_point(8, 8.0, 8.0), labels=[0], propagate=False)
+    logic.propagate(volume, segmentation, a)
+    colour = segmentation.GetSegmentation().GetSegment(a).GetColor()
+    assert segmentation.GetDisplayNode() is not None and colour != (0.5, 0.5, 0.5)  # shown, in its own colour
+    logic.undo(segmentation)
+    logic.undo(segmentation)
+    propagated = _segment(segmentation, a, volume).copy()
+    assert np.array_equal(propagated, _expected_from({5: disk((32, 32), *CENTER, 6)}))
+    logic.undo(segmentation)
+    assert _segment(segmentation, a, volume).any(axis=(1, 2)).nonzero()[0].tolist() == [5]
+    logic.redo(segmentation)  # after a read: the redo states are still there
+    assert np.array_equal(_segment(segmentation, a, volume), propagated)
+
+
 def test_segment_returns_its_id_with_the_oblique_and_random_weights_warnings(mrml, caplog):
     class RandomWeightsDisks(DiskEngine):
         def describe(self):
