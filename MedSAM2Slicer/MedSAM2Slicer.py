@@ -179,19 +179,13 @@ class MedSAM2SlicerWidget(ScriptedLoadableModuleWidget):
         except MedSAM2ActionError as error:
             self.showStatus(str(error))
             return
-        self.showChoices(panel_settings.choices_from_capabilities(capabilities))
+        self.showChoices(self.logic.choices(capabilities))
         self.showStatus(f"Connected ({self.logic.connection.kind}).\n{describe_capabilities(capabilities)}")
 
     def showChoices(self, choices):
         """Refill the lists with what the backend reports, keeping each current choice where it still exists."""
-        for combo, items in ((self.ui.ctPresetComboBox, choices["ct_presets"]),
-                             (self.ui.precisionComboBox, choices["precisions"])):
-            current = combo.currentText
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(list(items))
-            combo.currentText = current if current in items else items[0]
-            combo.blockSignals(False)
+        panel_settings.refill_choices(self.ui.ctPresetComboBox, choices["ct_presets"])
+        panel_settings.refill_choices(self.ui.precisionComboBox, choices["precisions"])
 
     def showStatus(self, text, log=None):
         self.ui.statusLabel.text = text

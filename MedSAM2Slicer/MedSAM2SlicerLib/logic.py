@@ -17,7 +17,7 @@ import numpy as np
 import slicer
 import vtk
 
-from . import geometry
+from . import geometry, panel_settings
 from .background import ActionGuard
 from .controller import MedSAM2ActionError, PromptOutcome, PropagationOutcome, SessionController
 from .local_backend import LocalServer, LocalServerError
@@ -117,6 +117,7 @@ class MedSAM2SlicerLogic:
         self._warning: str | None = None  # the backend's warning, once asked ("" when it has none)
         self.local_server: LocalServer | None = None
         self.guard = ActionGuard()  # the GUI's one-action-at-a-time (the console API does not use it)
+        self._choices: dict | None = None  # the connected backend's lists, asked once per connection
 
     def connect(self, url: str | None = None, token: str | None = None, *, checkpoint: str | None = None,
                 engine=None, device: str | None = None) -> ConnectionInfo:
@@ -138,7 +139,7 @@ class MedSAM2SlicerLogic:
         else:
             backend, info = InProcessBackend(engine), ConnectionInfo("in-process", type(engine).__name__)
         self.close()
-        self._warning = None
+        self._warning = self._choices = None
         self.controller = SessionController(backend, self.preprocessing)
         self.connection = info
         return info
@@ -168,6 +169,22 @@ class MedSAM2SlicerLogic:
             return controller.backend.capabilities()
         except Exception as error:  # the client's typed errors carry the sentence to show
             raise MedSAM2ActionError(f"The server did not answer: {error}") from error
+
+    def choices(self, capabilities: dict | None = None) -> dict:
+        """The lists the panel and the effect show (CT presets, precisions, directions): this extension's own
+        until a backend is connected, then the ones it reports: asked once per connection (a backend that does
+        not answer is not asked again each time the effect is picked; its error shows on the next action), or
+        taken from `capabilities` just fetched."""
+        if self.controller is None:
+            return panel_settings.choices_from_capabilities({})
+        if capabilities is None and self._choices is None:
+            try:
+                capabilities = self.capabilities()
+            except MedSAM2ActionError:
+                capabilities = {}
+        if capabilities is not None:
+            self._choices = panel_settings.choices_from_capabilities(capabilities)
+        return self._choices
 
     def set_preprocessing(self, preprocessing: dict | None) -> None:
         """Intensity preprocessing as `Preprocessing` fields, e.g. {"preset": "soft_tissue"}; None for MR/other."""

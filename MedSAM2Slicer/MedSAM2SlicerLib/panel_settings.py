@@ -43,8 +43,24 @@ def choices_from_capabilities(capabilities: dict) -> dict:
     """The lists the panel and effect show, as a connected server reports them (this extension's protocol lists
     where the server says nothing, e.g. an older one or an in-process engine)."""
     preprocessing = capabilities.get("preprocessing") or {}
+    propagation = capabilities.get("propagation") or {}
     return {"ct_presets": tuple(preprocessing.get("ct_presets") or CT_PRESETS),
-            "precisions": ("auto",) + tuple(capabilities.get("precisions") or protocol.PRECISIONS)}
+            "precisions": ("auto",) + tuple(capabilities.get("precisions") or protocol.PRECISIONS),
+            "directions": tuple(propagation.get("directions") or protocol.DIRECTIONS)}
+
+
+def refill_choices(combo, items) -> None:
+    """Refill a combo box (any object with Qt's QComboBox API) with `items`, keeping its current choice where it
+    still exists, without a change signal for the refill itself."""
+    items = list(items)
+    current = combo.currentText
+    combo.blockSignals(True)
+    try:
+        combo.clear()
+        combo.addItems(items)
+        combo.currentText = current if current in items else items[0]
+    finally:
+        combo.blockSignals(False)
 
 
 def typed_setting(key: str, value):

@@ -14,7 +14,7 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 from slicer.i18n import tr as _
 
 from MedSAM2SlicerLib import volume_settings  # first: it puts the extension's own client on the path
-from MedSAM2SlicerLib import effect_options, geometry, prompt_list
+from MedSAM2SlicerLib import effect_options, geometry, panel_settings, prompt_list
 from MedSAM2SlicerLib.background import BackgroundReader, call_in_background
 from MedSAM2SlicerLib.controller import MedSAM2ActionError
 from MedSAM2SlicerLib.logic import shared_logic
@@ -98,7 +98,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def setupOptionsFrame(self):
         self.directionComboBox = qt.QComboBox()
-        self.directionComboBox.addItems(list(DIRECTIONS))
+        self.directionComboBox.addItems(list(DIRECTIONS))  # the backend's, once connected: `refreshChoices`
         self.scriptedEffect.addLabeledOptionsWidget("Direction:", self.directionComboBox)
         self.rangeStartSpinBox, self.rangeStopSpinBox = (self._slice_spin_box(text) for text in ("first", "last"))
         slice_range = qt.QHBoxLayout()
@@ -159,6 +159,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.connectOptionsToMRML()
         shared_logic().guard.add_observer(self._onBusyChanged)
         self.updateIntensityLabel()
+        self.refreshChoices()
 
     def cleanup(self):
         """Disconnect this object's Qt connections so the effect can be deleted (Slicer issue #7392)."""
@@ -177,6 +178,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def activate(self):
         self.updateIntensityLabel()
+        self.refreshChoices()
+
+    def refreshChoices(self):
+        """Show the connected backend's lists (asked once per connection), this extension's before connecting."""
+        panel_settings.refill_choices(self.directionComboBox, shared_logic().choices()["directions"])
 
     def sourceVolumeNodeChanged(self):
         """Called by the Segment Editor when the user picks another source volume."""

@@ -141,7 +141,16 @@ class QComboBox(QWidget):
         if self._index < 0:
             self.currentIndex = 0
 
+    def clear(self):
+        self._items.clear()
+        self.currentIndex = -1
+
+    def itemText(self, index):
+        return self._items[index] if 0 <= index < len(self._items) else ""
+
     def __getattr__(self, name):
+        if name == "count":  # a property in PythonQt, as QListWidget's
+            return len(self._items)
         if name == "currentIndex":
             return self._index
         if name == "currentText":

@@ -348,3 +348,32 @@ def test_the_first_upload_runs_in_the_background_with_a_wait_cursor_and_its_prog
     assert editor.voxels("a")[5, 16, 16]
     click(effect, editor.view, (8, 8))  # the volume is there now: the next prompt is placed at once
     assert editor.voxels("a")[5, 8, 8]
+
+
+def test_the_direction_list_is_the_connected_backends_asked_once(editor, effect):
+    from medsam2_client.protocol import DIRECTIONS
+    from MedSAM2SlicerLib.logic import shared_logic
+
+    combo = effect.directionComboBox
+
+    def shown():
+        return [combo.itemText(i) for i in range(combo.count)]
+
+    assert shown() == list(DIRECTIONS)  # this extension's list before the backend is asked
+    combo.currentText = "forward"
+
+    class ReportingBackend(InProcessBackend):
+        asked = 0
+
+        def capabilities(self):
+            ReportingBackend.asked += 1
+            return {"engine": self.engine.describe(), "propagation": {"directions": ["forward", "both"]}}
+
+    logic = shared_logic()
+    logic.connect(engine=DiskEngine(radius=4, shrink=1))  # a new connection: its lists are asked anew
+    logic.controller.backend = ReportingBackend(DiskEngine(radius=4, shrink=1))
+    effect.activate()
+    assert shown() == ["forward", "both"] and combo.currentText == "forward"  # the choice stays where it exists
+    effect.activate()
+    assert ReportingBackend.asked == 1
+    assert logic.choices()["directions"] == ("forward", "both")

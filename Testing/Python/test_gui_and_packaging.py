@@ -106,6 +106,31 @@ def test_widget_sets_up_and_every_ui_name_it_uses_exists(gui_stubs):
     restarted.cleanup()
 
 
+def test_test_connection_shows_the_servers_lists_and_keeps_the_choice(gui_stubs):
+    import MedSAM2Slicer
+
+    from medsam2_backend.engine import DiskEngine
+    from MedSAM2SlicerLib.logic import InProcessBackend
+
+    class ReportingBackend(InProcessBackend):
+        def capabilities(self):
+            return {"engine": self.engine.describe(), "preprocessing": {"ct_presets": ["liver", "soft_tissue"]},
+                    "precisions": ["fp32"]}
+
+    widget = MedSAM2Slicer.MedSAM2SlicerWidget()
+    widget.setup()
+    combo = widget.ui.ctPresetComboBox
+    assert combo.currentText == "soft_tissue" and combo.count == len(MedSAM2Slicer.panel_settings.CT_PRESETS)
+    widget.logic.connect(engine=DiskEngine())
+    widget.logic.controller.backend = ReportingBackend(DiskEngine())
+    fire(widget.ui.testConnectionButton, "clicked()")
+    assert [combo.itemText(i) for i in range(combo.count)] == ["liver", "soft_tissue"]
+    assert combo.currentText == "soft_tissue" and widget.logic.preprocessing == {"preset": "soft_tissue"}
+    assert [widget.ui.precisionComboBox.itemText(i) for i in range(widget.ui.precisionComboBox.count)] == [
+        "auto", "fp32"]
+    widget.cleanup()
+
+
 def test_effect_imports_and_builds_its_options(gui_stubs):
     import qt
     from SegmentEditorMedSAM2Lib import SegmentEditorEffect

@@ -80,13 +80,16 @@ def test_engine_server_client_and_panel_take_their_lists_from_the_protocol():
     assert capabilities["preprocessing"]["ct_presets"] == list(protocol.CT_PRESETS)
     assert capabilities["volume"]["dtypes"] == list(protocol.VOLUME_DTYPES)
     assert panel_settings.choices_from_capabilities(capabilities) == {
-        "ct_presets": tuple(protocol.CT_PRESETS), "precisions": ("auto",) + protocol.PRECISIONS}
+        "ct_presets": tuple(protocol.CT_PRESETS), "precisions": ("auto",) + protocol.PRECISIONS,
+        "directions": protocol.DIRECTIONS}
 
 
 def test_the_panel_shows_what_a_server_reports_and_its_own_lists_without_one():
     from MedSAM2SlicerLib import panel_settings
 
-    reported = {"preprocessing": {"ct_presets": ["soft_tissue", "liver"]}, "precisions": ["fp32"]}
+    reported = {"preprocessing": {"ct_presets": ["soft_tissue", "liver"]}, "precisions": ["fp32"],
+                "propagation": {"directions": ["both"]}}
     assert panel_settings.choices_from_capabilities(reported) == {"ct_presets": ("soft_tissue", "liver"),
-                                                                  "precisions": ("auto", "fp32")}
+                                                                  "precisions": ("auto", "fp32"),
+                                                                  "directions": ("both",)}
     assert panel_settings.choices_from_capabilities({"engine": {}})["ct_presets"] == panel_settings.CT_PRESETS
