@@ -377,3 +377,29 @@ def test_the_direction_list_is_the_connected_backends_asked_once(editor, effect)
     effect.activate()
     assert ReportingBackend.asked == 1
     assert logic.choices()["directions"] == ("forward", "both")
+
+
+def test_the_editors_undo_and_redo_take_the_effects_correction_out_of_the_model_and_back(editor, effect):
+    """Ctrl+Z is the Segment Editor's: qMRMLSegmentEditorWidget::undo restores its logic's history, the one the
+    effect's saveStateForUndo wrote; the next Propagate must then act as if the correction was never placed."""
+
+    def propagate():
+        fire(effect.propagateButton, "clicked()")
+        standins.run_timers()
+        return editor.voxels("a").copy()
+
+    click(effect, editor.view, (16, 16))  # slice 5
+    first = propagate()
+    editor.set_view(np.eye(3), (16.0, 16.0, 8.0))
+    click(effect, editor.view, (6, 6))  # a correction on slice 8, away from the disk
+    corrected = propagate()
+    assert corrected[8, 6, 6] and not first[8, 6, 6] and len(prompts(editor)) == 2
+    editor.logic.Undo()  # the propagation
+    editor.logic.Undo()  # the correction
+    assert np.array_equal(editor.voxels("a"), first)
+    editor.logic.Redo()  # the correction again: the model has it again
+    assert np.array_equal(propagate(), corrected), "the redone correction is missing"
+    editor.logic.Undo()  # that propagation
+    editor.logic.Undo()  # the correction
+    assert np.array_equal(propagate(), first), "the undone correction came back"
+    assert len(prompts(editor)) == 1
