@@ -10,9 +10,8 @@ Decisions:
 - Each segment is its own object id on the session. A prompt for a segment in a view along another axis starts
   the segment over on that axis (the old object is reset).
 - A changed preprocessing is applied to open sessions with `set_preprocessing` (prompts are kept, no re-open).
-- Errors from the backend or geometry become one `MedSAM2ActionError` whose text is the sentence to show. Slices
-  written before a propagation failed stay in the segment, and Undo removes them in one step. Only the project's
-  typed errors (and running out of memory) become sentences: anything else is a bug and keeps its traceback.
+- Errors from the backend or geometry become one `MedSAM2ActionError` whose text is the sentence to show
+  (`actions`). Slices written before a propagation failed stay in the segment, and Undo removes them in one step.
 - Every action is one undo step, and the model follows undo and redo (see `segment_states`): before each action,
   each segment's tag names the state it is in, and an engine object that is not in that state is rebuilt by
   replaying that state's prompts. Slices the user edited since MedSAM2 last wrote them become mask corrections
@@ -28,16 +27,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import geometry, segment_states, volume_settings
+from .actions import (END, MedSAM2ActionError, PromptOutcome, PropagationJob, PropagationOutcome, UncertainSlice,
+                      as_action_error, drive)
 from .mrml_io import SliceBatchWriter, segment_mask_kji
 from .segment_states import PromptCall, SegmentState
-
-
-class MedSAM2ActionError(Exception):
-    """A user action that could not be completed; `str(error)` is the message for the user."""
-
-    def __init__(self, message: str, slices_written: int = 0):
-        super().__init__(message)
-        self.slices_written = slices_written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,92 +46,6 @@ class RasPrompt:
 
 
 @dataclasses.dataclass
-class PromptOutcome:
-    slice_index: int
-    axis: int
-    voxels: int  # voxels of the segment on that slice after the prompt
-    axis_warning: str | None
-
-
-@dataclasses.dataclass
-class UncertainSlice:
-    slice_index: int
-    iou: float  # the model's predicted IoU, lowest first
-    center_ras: np.ndarray  # the slice centre, to jump a view there
-
-
-@dataclasses.dataclass
-class PropagationOutcome:
-    slices_written: int
-    write_count: int  # region-limited writes made (a few per propagation, not one per slice)
-    voxels_written: int  # voxels those writes covered
-    cancelled: bool
-    least_certain: list[UncertainSlice]
-    edits_taken: dict = dataclasses.field(default_factory=dict)  # segment id -> slices taken as corrections
-    segments: dict = dataclasses.field(default_factory=dict)  # segment id -> slices written (multi-segment)
-
-    def status(self) -> str:
-        """The status line: how much was written, and which of the user's edits were taken as corrections."""
-        parts = [("Cancelled; " if self.cancelled else "") + f"{self.slices_written} slices."]
-        for segment_id, slices in self.edits_taken.items():
-            if slices:
-                where = ", ".join(str(k) for k in slices)
-                parts.append(f"Your edits on slice{'s' if len(slices) > 1 else ''} {where}"
-                             + (f" of {segment_id}" if len(self.edits_taken) > 1 else "")
-                             + " were taken as corrections.")
-        return " ".join(parts)
-
-
-_END = object()  # sent into a propagation's steps when its current backend run has no more results
-
-
-class PropagationJob:
-    """A started propagation, split so a GUI can read the backend off its main thread (see `begin_propagation`).
-
-    Iterate `job.run` anywhere (it only reads from the backend); call `apply(result)` for each result, then
-    `finish()`, on the main thread (MRML writes). `finish()` returns None when another backend run follows (segments
-    on another axis): iterate the new `job.run` the same way. `failure(error)` ends the job with the sentence to show.
-    """
-
-    def __init__(self, steps):
-        self._steps = steps
-        self.run = next(steps)  # the first run; everything before it (undo state, edits) ran here, on this thread
-
-    def apply(self, result) -> None:
-        self._steps.send(result)
-
-    def finish(self) -> PropagationOutcome | None:
-        try:
-            self.run = self._steps.send(_END)
-        except StopIteration as stop:
-            return stop.value
-        return None
-
-    def failure(self, error: BaseException) -> MedSAM2ActionError:
-        """The action error for `error` (raised by the backend or a write), after writing what already arrived.
-        An error that is not one of the project's typed errors is a bug: it propagates with its traceback."""
-        try:
-            self._steps.throw(error)
-        except MedSAM2ActionError as action_error:
-            return action_error
-        raise RuntimeError("a propagation went on after an error")  # unreachable: the steps re-raise it
-
-
-def _drive(steps) -> PropagationOutcome:
-    """Run a propagation's steps to the end on this thread (the console's synchronous path)."""
-    job = PropagationJob(steps)
-    while True:
-        try:
-            for result in job.run:
-                job.apply(result)
-        except Exception as error:  # the backend failed: the steps turn it into the sentence (or re-raise a bug)
-            raise job.failure(error) from error
-        outcome = job.finish()
-        if outcome is not None:
-            return outcome
-
-
-@dataclasses.dataclass
 class _OpenSession:
     fingerprint: str
     axis: int
@@ -146,49 +53,6 @@ class _OpenSession:
     preprocessing: object
     next_obj_id: int = 1
     obj_ids: dict = dataclasses.field(default_factory=dict)  # (segmentation id, segment id) -> object id
-
-
-def _user_errors() -> tuple[type, ...]:
-    """The project's typed errors: each carries a sentence for the user (an engine is optional on this side)."""
-    from medsam2_client.errors import MedSAM2Error
-    from medsam2_client.wire import WireFormatError
-
-    from .local_backend import LocalServerError
-
-    types = [geometry.GeometryError, MedSAM2Error, WireFormatError, LocalServerError]
-    try:
-        from medsam2_backend.engine.errors import EngineInputError
-    except ImportError:  # a Slicer that only talks to a remote server has no engine
-        pass
-    else:
-        types.append(EngineInputError)
-    return tuple(types)
-
-
-OUT_OF_MEMORY = ("the backend ran out of memory; limit the slice range, choose bf16, or use a computer with more "
-                 "(GPU) memory")
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """MemoryError, or torch's OutOfMemoryError (recognised by name: this side never imports torch)."""
-    return isinstance(exc, MemoryError) or any(t.__name__ == "OutOfMemoryError" for t in type(exc).__mro__)
-
-
-@contextlib.contextmanager
-def _as_action_error(what: str, written: Callable[[], int] = lambda: 0):
-    """Turn the project's typed errors (and out-of-memory) into the one error type the GUI and console show;
-    anything else is a bug and propagates with its traceback."""
-    try:
-        yield
-    except MedSAM2ActionError:
-        raise
-    except Exception as exc:  # re-raised typed, with the cause chained: never swallowed
-        if not (_out_of_memory(exc) or isinstance(exc, _user_errors())):
-            raise
-        n = written()
-        kept = f" The {n} slice(s) written before the error stay; Undo removes them in one step." if n else ""
-        reason = OUT_OF_MEMORY if _out_of_memory(exc) else (str(exc).rstrip(".") or type(exc).__name__)
-        raise MedSAM2ActionError(f"{what} failed: {reason}.{kept}", n) from exc
 
 
 @dataclasses.dataclass
@@ -224,7 +88,7 @@ class SessionController:
         """Place points and/or a box (RAS) for a segment on the view `slice_to_ras`; writes that slice at once."""
         if points_ras is None and box_corners_ras is None:
             raise MedSAM2ActionError("A prompt needs at least one point or a box.")
-        with _as_action_error("Placing the prompt"):
+        with as_action_error("Placing the prompt"):
             ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
             choice = geometry.choose_propagation_axis(ijk_to_ras, geometry.view_slice_to_ras(
                 "axial" if slice_to_ras is None else slice_to_ras))
@@ -252,7 +116,7 @@ class SessionController:
     def prompt_from_segment(self, volume_node, target, segment_id: str, slice_to_ras=None) -> PromptOutcome:
         """Use the segment's own voxels on the slice a view shows as a mask prompt (a first prompt or a
         correction). The voxels stay as they are: they are the user's."""
-        with _as_action_error("Using the segment as the prompt"):
+        with as_action_error("Using the segment as the prompt"):
             ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
             view = geometry.view_slice_to_ras("axial" if slice_to_ras is None else slice_to_ras)
             choice = geometry.choose_propagation_axis(ijk_to_ras, view)
@@ -294,7 +158,7 @@ class SessionController:
                            progress: Callable[[int, int], None] | None = None) -> PropagationOutcome:
         """Propagate several segments together: one engine propagation per axis (each slice encoded once for all
         of them), one writer, one undo step. Options as `propagate`."""
-        return _drive(self._propagation_steps(volume_node, target, segment_ids, dict(
+        return drive(self._propagation_steps(volume_node, target, segment_ids, dict(
             direction=direction, start=start, stop=stop, stop_after_empty=stop_after_empty,
             postprocess=tuple(postprocess)), progress))
 
@@ -308,9 +172,9 @@ class SessionController:
 
     def _propagation_steps(self, volume_node, target, segment_ids: Sequence[str], options: dict, progress):
         """The one propagation path, as a generator: it yields each backend run, is sent that run's results one
-        by one (then `_END`), writes them, and returns the outcome. Whoever drives it decides where runs are read."""
+        by one (then `END`), writes them, and returns the outcome. Whoever drives it decides where runs are read."""
         writers: list[SliceBatchWriter] = []
-        with _as_action_error("Propagation", lambda: sum(len(w.slices_written) for w in writers)):
+        with as_action_error("Propagation", lambda: sum(len(w.slices_written) for w in writers)):
             with self._action(volume_node, target) as action:
                 writers = action.writers
                 groups = self._group_by_axis(volume_node, target, segment_ids)
@@ -333,7 +197,7 @@ class SessionController:
                     run = entry.session.propagate(list(by_obj), **options)
                     self._run = run
                     try:
-                        while (result := (yield run)) is not _END:
+                        while (result := (yield run)) is not END:
                             segment_id = by_obj[result.obj_id]
                             if result.slice_index not in edits[segment_id]:  # the user's edits stay as drawn
                                 writer.add(result.slice_index, result.mask, segment_id)
@@ -381,7 +245,7 @@ class SessionController:
     def reset_segment(self, volume_node, target, segment_id: str) -> None:
         """Forget a segment's prompts and object (its voxels stay: they are the user's to erase or undo).
         One undo step: Undo brings the prompts back."""
-        with _as_action_error("Resetting the segment"):
+        with as_action_error("Resetting the segment"):
             with self._action(volume_node, target) as action:
                 live = self._live.get((target.segmentation_node.GetID(), segment_id))
                 if live is not None:
@@ -404,7 +268,7 @@ class SessionController:
         """
         import inspect
 
-        with _as_action_error("Opening the volume"):
+        with as_action_error("Opening the volume"):
             axis = geometry.choose_propagation_axis(geometry.ijk_to_world_ras(volume_node), geometry.view_slice_to_ras(
                 "axial" if slice_to_ras is None else slice_to_ras)).axis
             key, fingerprint = (volume_node.GetID(), axis), self.fingerprint(volume_node)
@@ -421,7 +285,7 @@ class SessionController:
             extra["upload_progress"] = upload_progress
 
         def open_session():
-            with _as_action_error("Sending the volume"):
+            with as_action_error("Sending the volume"):
                 session = self.backend.open_session(volume, spacing, axis, preprocessing, fingerprint=fingerprint,
                                                     **extra)
             # A plain dict entry (no MRML): the GUI holds its one-action guard meanwhile, nothing else opens.
@@ -446,7 +310,7 @@ class SessionController:
         failure = None
         for entry in sessions:
             try:
-                with _as_action_error("Closing the session"):
+                with as_action_error("Closing the session"):
                     entry.session.close()
             except MedSAM2ActionError as error:
                 failure = failure or error
