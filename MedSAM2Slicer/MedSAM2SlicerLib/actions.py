@@ -29,6 +29,7 @@ class PromptOutcome:
     axis: int
     voxels: int  # voxels of the segment on that slice after the prompt
     axis_warning: str | None
+    slice_range: tuple[int, int] | None = None  # a 3D box's: the slices propagation is limited to
 
 
 @dataclasses.dataclass

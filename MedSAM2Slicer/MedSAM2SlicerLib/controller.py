@@ -41,8 +41,10 @@ class RasPrompt:
     axis: int
     points_ras: np.ndarray | None = None  # (N, 3)
     labels: np.ndarray | None = None  # (N,), 1 positive, 0 negative
-    box_corners_ras: np.ndarray | None = None  # (2 or 8, 3)
+    box_corners_ras: np.ndarray | None = None  # (2, 4 or 8, 3)
     source: str = "prompt"  # "prompt", "segment" (the segment's voxels on the slice) or "edit" (a user's edit)
+    slice_range: tuple[int, int] | None = None  # a 3D box (an ROI): the slices propagation is limited to
+    box_margin_mm: float | None = None  # the margin that range was made with (to place the box again)
 
 
 @dataclasses.dataclass
@@ -84,8 +86,13 @@ class SessionController:
 
     # ---- user actions -----------------------------------------------------------------------------------------
     def add_prompt(self, volume_node, target, segment_id: str, *, points_ras=None, labels=None,
-                   box_corners_ras=None, slice_to_ras=None) -> PromptOutcome:
-        """Place points and/or a box (RAS) for a segment on the view `slice_to_ras`; writes that slice at once."""
+                   box_corners_ras=None, slice_to_ras=None,
+                   box_margin_mm: float = geometry.DEFAULT_BOX_MARGIN_MM) -> PromptOutcome:
+        """Place points and/or a box (RAS) for a segment on the view `slice_to_ras`; writes that slice at once.
+
+        A box whose corners span several slices along the propagation axis (an ROI's 8) is a 3D box: its centre
+        slice is prompted with its outline there, and later propagations of the segment stay within its slices
+        plus `box_margin_mm` (and the segment's prompted slices), unless given a range of their own."""
         if points_ras is None and box_corners_ras is None:
             raise MedSAM2ActionError("A prompt needs at least one point or a box.")
         with as_action_error("Placing the prompt"):
@@ -93,10 +100,13 @@ class SessionController:
             choice = geometry.choose_propagation_axis(ijk_to_ras, geometry.view_slice_to_ras(
                 "axial" if slice_to_ras is None else slice_to_ras))
             shape = _shape_kji(volume_node)
-            kwargs, slice_index = {}, None
+            kwargs, slice_index, slice_range = {}, None, None
             if box_corners_ras is not None:
-                slice_index, kwargs["box"] = geometry.ras_box_to_slice_box(
-                    np.asarray(box_corners_ras, float), ijk_to_ras, choice.axis, shape)
+                plan = geometry.box_prompt_from_corners(np.asarray(box_corners_ras, float), ijk_to_ras,
+                                                        choice.axis, shape, box_margin_mm)
+                slice_index, kwargs["box"] = plan.slice_index, plan.box
+                if (plan.first, plan.last) != (0, shape[choice.axis] - 1):
+                    slice_range = (plan.first, plan.last)
             if points_ras is not None:
                 point_slice, kwargs["points"] = geometry.ras_to_slice_pixels(
                     np.asarray(points_ras, float), ijk_to_ras, choice.axis, shape)
@@ -108,10 +118,13 @@ class SessionController:
             record = RasPrompt(slice_index, choice.axis,
                                None if points_ras is None else np.asarray(points_ras, float),
                                None if points_ras is None else kwargs["labels"],
-                               None if box_corners_ras is None else np.asarray(box_corners_ras, float))
+                               None if box_corners_ras is None else np.asarray(box_corners_ras, float),
+                               slice_range=slice_range,
+                               box_margin_mm=None if box_corners_ras is None else float(box_margin_mm))
             result = self._prompt(volume_node, target, segment_id, choice.axis,
                                   PromptCall(slice_index, kwargs), record)
-        return PromptOutcome(slice_index, choice.axis, int(np.count_nonzero(result.mask)), choice.warning)
+        return PromptOutcome(slice_index, choice.axis, int(np.count_nonzero(result.mask)), choice.warning,
+                             slice_range)
 
     def prompt_from_segment(self, volume_node, target, segment_id: str, slice_to_ras=None) -> PromptOutcome:
         """Use the segment's own voxels on the slice a view shows as a mask prompt (a first prompt or a
@@ -177,11 +190,11 @@ class SessionController:
         with as_action_error("Propagation", lambda: sum(len(w.slices_written) for w in writers)):
             with self._action(volume_node, target) as action:
                 writers = action.writers
-                groups = self._group_by_axis(volume_node, target, segment_ids)
+                groups = self._group_runs(volume_node, target, segment_ids, options)
                 for segment_id in segment_ids:
                     self.last_propagation[(volume_node.GetID(), segment_id)] = dict(options)
                 edits, ranked, cancelled, done_before, planned_before = {}, {}, False, 0, 0
-                for axis, segments in groups.items():
+                for (axis, start, stop), segments in groups.items():
                     entry = self._session_for(volume_node, axis)
                     by_obj = {}
                     for segment_id in segments:
@@ -194,7 +207,7 @@ class SessionController:
                                                              action)
                     writer = self._writer(volume_node, target, None, axis)
                     action.writers.append(writer)
-                    run = entry.session.propagate(list(by_obj), **options)
+                    run = entry.session.propagate(list(by_obj), **dict(options, start=start, stop=stop))
                     self._run = run
                     try:
                         while (result := (yield run)) is not END:
@@ -431,14 +444,19 @@ class SessionController:
         self._sync(volume_node, target)
         return self._live.get((target.segmentation_node.GetID(), segment_id))
 
-    def _group_by_axis(self, volume_node, target, segment_ids) -> dict[int, list[str]]:
-        groups: dict[int, list[str]] = {}
+    def _group_runs(self, volume_node, target, segment_ids, options: dict) -> dict[tuple, list[str]]:
+        """Segments by the engine run they share: (axis, first slice, last slice). The range is the options',
+        else a segment's 3D box's (`_box_range`), else the whole volume (None, None)."""
+        groups: dict[tuple, list[str]] = {}
         for segment_id in segment_ids:
             live = self._live.get((target.segmentation_node.GetID(), segment_id))
             if live is None or live.axis is None or live.volume_id != volume_node.GetID():
                 name = "this segment" if len(segment_ids) == 1 else f"segment {segment_id!r}"
                 raise MedSAM2ActionError(f"Place a point or a box for {name} before propagating.")
-            groups.setdefault(live.axis, []).append(segment_id)
+            start, stop = options["start"], options["stop"]
+            if start is None and stop is None:
+                start, stop = _box_range(live.prompts) or (None, None)
+            groups.setdefault((live.axis, start, stop), []).append(segment_id)
         if not groups:
             raise MedSAM2ActionError("No segment of this segmentation has a MedSAM2 prompt yet.")
         return groups
@@ -503,6 +521,15 @@ class SessionController:
         ijk_to_local = geometry.ijk_to_node_local(volume_node, target.segmentation_node)
         return SliceBatchWriter(target, segment_id, ijk_to_local, _shape_kji(volume_node), axis,
                                 reference=target.reference_geometry(), save_undo=False)  # `_action` saved it
+
+
+def _box_range(prompts) -> tuple[int, int] | None:
+    """The slices a segment's latest 3D box limits propagation to, widened to every slice the user prompted."""
+    ranges = [p.slice_range for p in prompts if p.slice_range is not None]
+    if not ranges:
+        return None
+    prompted = [p.slice_index for p in prompts]
+    return min(ranges[-1][0], *prompted), max(ranges[-1][1], *prompted)
 
 
 def _segment_ids(segmentation_node) -> list[str]:

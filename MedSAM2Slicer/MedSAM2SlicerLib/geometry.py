@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import vtk
-from medsam2_client.geometry import (OBLIQUE_WARNING_DEGREES, VIEW_ORIENTATIONS, AxisChoice,  # noqa: F401
-                                     GeometryError, choose_propagation_axis, ijk_to_ras, ras_box_to_slice_box,
-                                     ras_to_ijk, ras_to_slice_pixels, slice_extent_ijk, slice_plane_axes,
-                                     view_rectangle_corners, view_slice_to_ras)
+from medsam2_client.geometry import (DEFAULT_BOX_MARGIN_MM, OBLIQUE_WARNING_DEGREES,  # noqa: F401
+                                     VIEW_ORIENTATIONS, AxisChoice, GeometryError, box_prompt_from_corners,
+                                     choose_propagation_axis, ijk_to_ras, ras_to_ijk, ras_to_slice_pixels,
+                                     slice_extent_ijk, slice_plane_axes, view_rectangle_corners, view_slice_to_ras)
 
 
 def _array_from_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:

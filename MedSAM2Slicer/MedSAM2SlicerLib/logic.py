@@ -195,26 +195,36 @@ class MedSAM2SlicerLogic:
     def segment(self, volume_node, segmentation_node, segment_id: str | None = None, *, points_ras=None,
                 labels=None, box_ras=None, roi_node=None, view="axial", propagate: bool = True,
                 direction: str = "both", start=None, stop=None, stop_after_empty=None, postprocess=(),
-                progress=None) -> str:
+                progress=None, box_margin_mm: float = geometry.DEFAULT_BOX_MARGIN_MM) -> str:
         """Prompt one slice (points and/or a box: 2 opposite RAS corners of a rectangle in the view, or more
         corners, whose bounding rectangle on the slice is the box; or an ROI node) and optionally propagate.
 
+        A box that spans several slices (an ROI that is not flat, or 8 corners) is a 3D box: its centre slice
+        is prompted with its outline there, and the segment's propagations stay within its slices plus
+        `box_margin_mm` unless given `start`/`stop` (`outcome.prompt.slice_range`).
         `view` is the view the prompt belongs to ('axial', 'sagittal', 'coronal' or a 4x4 slice-to-RAS); it
         picks the propagation axis. Returns the id of the segment written (created when `segment_id` is None), as
         a `SegmentOutcome`: a `str` that also carries `warnings` (logged too), `prompt` and `propagation`.
         """
         controller = self._require_controller()
         target = self.target_for(segmentation_node, volume_node)
-        if segment_id is None:
+        created = segment_id is None
+        if created:
             segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", "MedSAM2")
         elif segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
             raise MedSAM2ActionError(f"The segmentation has no segment with id {segment_id!r}.")
-        if roi_node is not None:
-            box_ras = geometry.roi_corners_ras(roi_node)
-        elif box_ras is not None:  # two corners of a rectangle in the view, not in the volume's grid
-            box_ras = geometry.view_rectangle_corners(box_ras, geometry.view_slice_to_ras(view))
-        prompt = controller.add_prompt(volume_node, target, segment_id, points_ras=points_ras, labels=labels,
-                                       box_corners_ras=box_ras, slice_to_ras=geometry.view_slice_to_ras(view))
+        try:
+            if roi_node is not None:
+                box_ras = geometry.roi_corners_ras(roi_node)
+            elif box_ras is not None:  # two corners of a rectangle in the view, not in the volume's grid
+                box_ras = geometry.view_rectangle_corners(box_ras, geometry.view_slice_to_ras(view))
+            prompt = controller.add_prompt(volume_node, target, segment_id, points_ras=points_ras, labels=labels,
+                                           box_corners_ras=box_ras, slice_to_ras=geometry.view_slice_to_ras(view),
+                                           box_margin_mm=box_margin_mm)
+        except MedSAM2ActionError:
+            if created:  # a refused first prompt leaves no empty segment behind
+                segmentation_node.GetSegmentation().RemoveSegment(segment_id)
+            raise
         warnings = [w for w in (prompt.axis_warning, self.backend_warning()) if w]
         for warning in warnings:
             logger.warning("MedSAM2: %s", warning)

@@ -103,7 +103,8 @@ def remove_prompt(controller, volume_node, target, segment_id: str, index: int =
     for prompt in prompts:
         controller.add_prompt(volume_node, step, segment_id, points_ras=prompt.points_ras, labels=prompt.labels,
                               box_corners_ras=prompt.box_corners_ras,
-                              slice_to_ras=slice_to_ras_along(volume_node, prompt.axis))
+                              slice_to_ras=slice_to_ras_along(volume_node, prompt.axis),
+                              box_margin_mm=prompt.box_margin_mm or geometry.DEFAULT_BOX_MARGIN_MM)
     propagated = 0
     if prompts and last is not None:
         propagated = controller.propagate(volume_node, step, segment_id, **last).slices_written

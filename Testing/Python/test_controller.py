@@ -514,3 +514,32 @@ def test_propagate_all_takes_every_prompted_segment_and_one_undo(mrml):
     assert _segment(segmentation, b, volume)[[0, 11]].sum() == 0
     logic.reset(segmentation, b)
     assert set(logic.propagate_all(volume, segmentation).segments) == {a}
+
+
+def test_a_3d_roi_prompts_its_centre_slice_and_keeps_propagation_within_its_slices_plus_the_margin(mrml):
+    volume = scenarios.add_volume(shape_kji=SHAPE, ijk_to_ras=np.array(  # I flipped, 2 mm slices
+        [[-1.0, 0, 0, 31.0], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]]))
+    segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = MedSAM2SlicerLogic()
+    logic.connect(engine=DiskEngine(radius=6, shrink=1))
+    roi = mrml.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(16.0, 15.0, 10.0)
+    roi.SetSize(12.0, 12.0, 6.0)  # slices 3.5 .. 6.5: 4 .. 7 once rounded
+    a = logic.segment(volume, segmentation, roi_node=roi, box_margin_mm=2.0)  # one slice of margin each way
+    assert a.prompt.slice_index == 5 and a.prompt.slice_range == (3, 8)
+    box = np.zeros(SHAPE[1:], bool)
+    box[9:22, 9:22] = True  # I = 31 - x for x 10..22; J = y for y 9..21
+    expected = np.zeros(SHAPE, bool)
+    for k in range(3, 9):
+        expected[k] = shrink_mask(box, abs(k - 5))
+    assert np.array_equal(_segment(segmentation, a, volume) > 0, expected)
+    logic.segment(volume, segmentation, a, points_ras=[[31.0 - 15.0, 15.0, 2.0 * 10]], propagate=True)
+    widened = _segment(segmentation, a, volume) > 0  # a correction beyond the box widens the range to it
+    assert widened[9].any() and widened[10].any() and not widened[11].any() and not widened[:3].any()
+    logic.propagate(volume, segmentation, a, start=0, stop=11)  # a range of its own overrides the box's
+    assert (_segment(segmentation, a, volume) > 0)[:3].any()
+    flat = mrml.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    flat.SetCenter(16.0, 15.0, 10.0)
+    flat.SetSize(12.0, 12.0, 1.0)  # thinner than a slice: a 2D box, propagation unlimited
+    b = logic.segment(volume, segmentation, roi_node=flat)
+    assert b.prompt.slice_range is None and (_segment(segmentation, b, volume) > 0)[[0, 11]].any()

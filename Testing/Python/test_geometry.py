@@ -75,9 +75,9 @@ def test_ras_points_become_slice_index_and_xy_pixels(axis):
 def test_box_is_clipped_to_the_slice_and_outside_prompts_are_refused():
     shape = (4, 10, 12)
     identity = np.eye(4)
-    index, box = geometry.ras_box_to_slice_box(np.array([[-5.0, 3, 2], [20.0, 30, 2]]), identity, 0, shape)
-    assert index == 2
-    np.testing.assert_allclose(box, [0, 3, 11, 9])
+    plan = geometry.box_prompt_from_corners(np.array([[-5.0, 3, 2], [20.0, 30, 2]]), identity, 0, shape, 10.0)
+    assert plan.slice_index == 2 and (plan.first, plan.last) == (0, 3)  # a 2D box: propagation is not limited
+    np.testing.assert_allclose(plan.box, [0, 3, 11, 9])
     with pytest.raises(geometry.GeometryError, match="outside the volume"):
         geometry.ras_to_slice_pixels(np.array([[1.0, 1.0, 9.0]]), identity, 0, shape)
 

@@ -63,10 +63,24 @@ def test_backward_correction_and_range_limits():
     run = s.propagate(start=6, stop=12)
     assert sorted(x.slice_index for x in run) == list(range(6, 13))
     s.add_prompt(1, 7, box=[0, 0, 30, 30])
-    assert [(p.direction, p.first, p.last) for p in s.propagate(start=2).passes] == [("backward", 7, 2)]
-    # nothing stale: an explicit propagate re-runs the requested sides from the anchor
+    # the correction re-runs its side from it; beyond the first range nothing was computed: it runs from there
+    assert [(p.direction, p.first, p.last) for p in s.propagate(start=2).passes] == [
+        ("forward", 13, 19), ("backward", 7, 2)]
     list(s.propagate(start=2))
+    assert [(p.direction, p.first, p.last) for p in s.propagate().passes] == [("backward", 1, 0)]
+    list(s.propagate())
+    # nothing stale: an explicit propagate re-runs the requested sides from the anchor
     assert [(p.direction, p.first) for p in s.propagate().passes] == [("forward", 10), ("backward", 10)]
+
+
+def test_a_correction_beyond_a_limited_range_leaves_no_gap():
+    s = session(shrink=1.0)
+    first = s.add_prompt(1, 10, box=[5, 4, 25, 30]).mask
+    list(s.propagate(stop=12))
+    s.add_prompt(1, 15, points=[[40, 20]], labels=[1])
+    results = {x.slice_index: x.mask for x in s.propagate()}
+    assert sorted(results) == list(range(13, 20)), "slices 13 and 14 were never computed: they must be now"
+    assert np.array_equal(results[13], shrink_mask(first, 3.0))
 
 
 def test_stop_after_empty_slices_clears_what_lies_beyond():

@@ -18,6 +18,8 @@ import numpy as np
 
 # A view further than this from every volume axis segments slices that are not the ones the user looks at.
 OBLIQUE_WARNING_DEGREES = 20.0
+# A 3D box (an ROI, a RECIST lesion box) lets propagation go this far beyond its first and last slices.
+DEFAULT_BOX_MARGIN_MM = 10.0
 
 # Slice-to-RAS rotations of Slicer's standard views (columns: view x, view y, view normal).
 VIEW_ORIENTATIONS = {
@@ -127,20 +129,6 @@ def ras_to_slice_pixels(points_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: in
     return slice_index, np.clip(xy, 0.0, upper)
 
 
-def ras_box_to_slice_box(corners_ras: np.ndarray, ijk_to_ras: np.ndarray, axis: int,
-                         shape_kji: tuple[int, int, int]) -> tuple[int, np.ndarray]:
-    """Box corners in RAS (two opposite corners, or all 8 of an ROI) -> (slice index, x0, y0, x1, y1 in pixels).
-
-    The box is the corners' bounding rectangle in the slice, clipped to the slice: a box drawn partly outside
-    the image means "up to the border".
-    """
-    slice_index, xy = _slice_and_xy(corners_ras, ijk_to_ras, axis, shape_kji)
-    upper = _slice_upper(axis, shape_kji)
-    low = np.clip(xy.min(axis=0), 0.0, upper)
-    high = np.clip(xy.max(axis=0), 0.0, upper)
-    return slice_index, np.array([low[0], low[1], high[0], high[1]])
-
-
 def view_rectangle_corners(corners_ras: np.ndarray, slice_to_ras: np.ndarray) -> np.ndarray:
     """Two opposite corners (RAS) of a box drawn in a view -> the box's four corners (RAS), at their mean depth.
 
@@ -213,8 +201,8 @@ def box_prompt_from_corners(corners_ras: np.ndarray, ijk_to_ras: np.ndarray, axi
                             shape_kji: tuple[int, int, int], margin_mm: float) -> BoxPrompt:
     """Box corners in RAS (two opposite ones, or all 8 of a Slicer ROI) -> a box prompt along K,J,I array axis `axis`.
 
-    Corners on one slice are a 2D box: propagation is unlimited. Corners on different slices are a 3D box (a RECIST
-    lesion box, an ROI): the key slice is its centre, the 2D box its outline there, and propagation stops
+    A box less than one slice deep along `axis` is a 2D box: propagation is unlimited. A deeper one is a 3D box (a
+    RECIST lesion box, an ROI): the key slice is its centre, the 2D box its outline there, and propagation stops
     `margin_mm` beyond the box's first and last slices.
     """
     kji = ras_to_ijk(corners_ras, ijk_to_ras)[:, ::-1]
@@ -232,7 +220,7 @@ def box_prompt_from_corners(corners_ras: np.ndarray, ijk_to_ras: np.ndarray, axi
     if (high < -0.5).any() or (low > upper + 0.5).any():
         raise GeometryError("The box lies outside the image on its slice; draw it on the image.")
     low, high = np.clip(low, 0.0, upper), np.clip(high, 0.0, upper)
-    if depth.min() == depth.max():
+    if np.ptp(kji[:, axis]) < 1.0:  # e.g. a 1 mm thick ROI on 10 mm slices that happens to straddle two
         first, last = 0, n - 1
     else:
         extra = int(np.ceil(max(0.0, margin_mm) / axis_spacing(ijk_to_ras, axis) - 1e-9))

@@ -35,7 +35,7 @@ from medsam2_client import geometry
 from .errors import CaseInputError
 
 AXIS_NAMES = ("i", "j", "k")
-DEFAULT_BOX_MARGIN_MM = 10.0
+DEFAULT_BOX_MARGIN_MM = geometry.DEFAULT_BOX_MARGIN_MM
 COORDINATES = ("RAS", "LPS", "voxel")
 
 

@@ -16,7 +16,10 @@ Propagation semantics (deliberate, documented in the README):
 - Every prompted slice (anchor and corrections, points, box or mask) is a *conditioning* slice of its side's state:
   re-propagation reports the mask its prompt call returned, never recomputes it, and every later slice of that side
   attends to all conditioning slices (SAM-2 with `add_all_frames_to_correct_as_cond`; see the README for the cost).
-- A propagate call runs only the dirty sides; with nothing dirty it re-runs the requested sides from the anchor.
+- A propagate call runs only the sides dirty within its range; with none it re-runs the requested sides from the
+  anchor. A pass that ended at the requested range's end (not the volume's, not an early stop) leaves its side
+  dirty beyond it: those slices were never computed, so a later, wider propagation (or a correction past the
+  range) fills them from there instead of leaving a gap.
 - Several objects propagate together: all forward passes advance slice by slice, then all backward ones, so a
   slice's features are computed once for all objects (see `PropagationRun`). Post-processing never changes a
   prompted slice.
@@ -192,13 +195,18 @@ class PropagationRun:
                     and result.slice_index != p.last and not self._cancel.is_set()):
                 self.summary.stopped_early[(p.obj_id, p.direction)] = result.slice_index
                 yield from self._clear_beyond(p, result.slice_index)
-                return self._finish(lane)
+                return self._finish(lane, stopped_early=True)
         if (lane.next - p.last) * lane.step > 0:
             self._finish(lane)
 
-    def _finish(self, lane: "_Lane") -> None:
+    def _finish(self, lane: "_Lane", stopped_early: bool = False) -> None:
         lane.close()
-        self._session._objects[lane.p.obj_id].dirty.pop(lane.p.direction, None)
+        p, s = lane.p, self._session
+        volume_end = s.num_slices - 1 if p.direction == FORWARD else 0
+        if stopped_early or p.last == volume_end:
+            s._objects[p.obj_id].dirty.pop(p.direction, None)
+        else:  # the range ended the pass: the slices beyond were never computed
+            s._objects[p.obj_id].dirty[p.direction] = p.last + lane.step
         if lane.p.obj_id not in self._done_objects:
             self._done_objects.append(lane.p.obj_id)
 
@@ -363,10 +371,12 @@ class VolumeSession(abc.ABC):
         for o in ids:
             rec = self._objects[o]
             sides = [d for d in (FORWARD, BACKWARD) if direction in ("both", d)]
-            if any(d in rec.dirty for d in sides):
-                sides = [d for d in sides if d in rec.dirty]  # only what prompts made stale
+            stale = {d: rec.dirty[d] for d in sides  # stale from a slice within the requested range
+                     if d in rec.dirty and (rec.dirty[d] <= hi if d == FORWARD else rec.dirty[d] >= lo)}
+            if stale:
+                sides = list(stale)  # only what prompts (or an earlier, narrower range) left stale
             for side in sides:
-                first = rec.dirty.get(side, rec.anchor)
+                first = stale.get(side, rec.anchor)
                 if side == FORWARD:
                     first, last = max(first, lo), hi
                     if first <= last:
