@@ -11,9 +11,11 @@ source, so the Segment Editor's own shortcuts (Ctrl+Z/z undo, Escape, Space, dig
 
 from __future__ import annotations
 
+from medsam2_client.geometry import DEFAULT_BOX_MARGIN_MM
 from medsam2_client.protocol import DIRECTIONS
 
-DEFAULTS = {"Direction": "both", "RangeStart": -1, "RangeStop": -1, "StopAfterEmpty": 0, "AllSegments": 0}
+DEFAULTS = {"Direction": "both", "RangeStart": -1, "RangeStop": -1, "StopAfterEmpty": 0, "AllSegments": 0,
+            "RoiMarginMm": int(DEFAULT_BOX_MARGIN_MM)}
 
 # KeySym (as vtkRenderWindowInteractor::GetKeySym reports it) -> effect action.
 SHORTCUTS = {"p": "propagate", "Return": "propagate", "KP_Enter": "propagate", "c": "cancel",
@@ -60,4 +62,6 @@ def help_text() -> str:
         "propagation; <b>n</b> = the next click is negative (press again: positive); <b>x</b> = remove the "
         "segment's latest prompt (one undo step; Ctrl+Z / z stays the editor's Undo); <b>j</b> = jump to the next "
         "least certain slice."
+        "<p><b>ROI</b>: <b>Use ROI as box</b> prompts the picked ROI's centre slice with its outline; propagation "
+        "then stays within the ROI's slices plus the margin."
         "<p>Connect to a server or model in the MedSAM2 module first.") + "</html>"

@@ -122,6 +122,25 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         buttons.addWidget(self.allSegmentsCheckBox)
         buttons.addWidget(self.cancelButton)
         self.scriptedEffect.addOptionsWidget(buttons)
+        self.roiSelector = slicer.qMRMLNodeComboBox()
+        self.roiSelector.nodeTypes = ["vtkMRMLMarkupsROINode"]
+        self.roiSelector.noneEnabled = True
+        self.roiSelector.addEnabled = self.roiSelector.removeEnabled = False
+        self.roiSelector.toolTip = "An ROI (Markups) around the structure: a 3D box prompt"
+        self.roiSelector.setMRMLScene(slicer.mrmlScene)
+        self.roiButton = qt.QPushButton("Use ROI as box")
+        self.roiButton.toolTip = ("Prompt the ROI's centre slice with its outline; propagation then stays within "
+                                  "the ROI's slices plus a margin (a range of your own overrides it)")
+        self.roiButton.connect("clicked()", self.onUseRoi)
+        self.roiMarginSpinBox = qt.QSpinBox()
+        self.roiMarginSpinBox.setRange(0, 500)
+        self.roiMarginSpinBox.suffix = " mm"
+        self.roiMarginSpinBox.toolTip = "How far beyond the ROI's first and last slices propagation may go"
+        roi_row = qt.QHBoxLayout()
+        roi_row.addWidget(self.roiSelector)
+        roi_row.addWidget(self.roiMarginSpinBox)
+        roi_row.addWidget(self.roiButton)
+        self.scriptedEffect.addLabeledOptionsWidget("ROI:", roi_row)
         self.useSegmentButton = qt.QPushButton("Use segment as prompt")
         self.useSegmentButton.toolTip = ("Give MedSAM2 the selected segment's voxels on the slice shown in the "
                                          "last slice view you worked in (a start, or a correction)")
@@ -168,6 +187,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.propagateButton.disconnect("clicked()", self.onPropagate)
         self.cancelButton.disconnect("clicked()", self._onCancel)
         self.useSegmentButton.disconnect("clicked()", self.onUseSegment)
+        self.roiButton.disconnect("clicked()", self.onUseRoi)
         self.resetButton.disconnect("clicked()", self.onReset)
         self.uncertainList.disconnect("itemClicked(QListWidgetItem*)", self.onJumpToSlice)
         self.disconnectOptionsFromMRML()
@@ -289,7 +309,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         def place():
             outcome = controller.add_prompt(target.source_volume, target, target.segment_id,
                                             slice_to_ras=slice_to_ras, **prompt)
-            self.statusLabel.text = outcome.axis_warning or ""
+            limits = (f"Slice {outcome.slice_index} is the prompt; propagation stays within slices "
+                      f"{outcome.slice_range[0]}..{outcome.slice_range[1]}." if outcome.slice_range else "")
+            self.statusLabel.text = " ".join(t for t in (outcome.axis_warning, limits) if t)
             self.refreshPrompts()
 
         upload = {"fraction": None}  # written by the worker thread, shown by the main thread
@@ -374,6 +396,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.uncertainList.addItem(item)
         self.statusLabel.text = outcome.status()
 
+    def onUseRoi(self):
+        roi = self.roiSelector.currentNode()
+        if roi is None:
+            self.statusLabel.text = "Pick an ROI first (create one in the Markups toolbar, around the structure)."
+            return
+        # An ROI belongs to no view: it is cut across the volume axis closest to superior-inferior, as the CLI's
+        # 3D boxes are (the axial view picks that axis on any volume orientation).
+        slice_to_ras = geometry.view_slice_to_ras("axial")
+        prompt = {"box_corners_ras": geometry.roi_corners_ras(roi), "box_margin_mm": self.roiMarginSpinBox.value}
+        self._run("placing the ROI's box", lambda controller, volume, target: self._placePrompt(
+            controller, target, slice_to_ras, prompt))
+
     def onUseSegment(self):
         view = self._last_slice_view or slicer.app.layoutManager().sliceWidget("Red")
         slice_to_ras = slicer.util.arrayFromVTKMatrix(view.sliceLogic().GetSliceNode().GetSliceToRAS())
@@ -404,7 +438,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return {"Direction": (combo, "currentIndexChanged(int)", lambda: combo.currentText,
                               lambda value: setattr(combo, "currentText", value)),
                 "RangeStart": spin(self.rangeStartSpinBox), "RangeStop": spin(self.rangeStopSpinBox),
-                "StopAfterEmpty": spin(self.stopAfterEmptySpinBox),
+                "StopAfterEmpty": spin(self.stopAfterEmptySpinBox), "RoiMarginMm": spin(self.roiMarginSpinBox),
                 "AllSegments": (self.allSegmentsCheckBox, "toggled(bool)", lambda: int(self.allSegmentsCheckBox.checked),
                                 lambda value: setattr(self.allSegmentsCheckBox, "checked", bool(value)))}
 

@@ -1,4 +1,5 @@
-"""Strict stand-ins for `slicer.i18n` and slicer.util's dialogs, installed by `slicer_standins.gui_stubs`.
+"""Strict stand-ins for `slicer.i18n`, slicer.util's dialogs and `slicer.qMRMLNodeComboBox`, installed by
+`slicer_standins.gui_stubs`.
 
 Checked against Slicer 5.10's Base/Python/slicer/i18n.py and util.py (confirmOkCancelDisplay, infoDisplay,
 errorDisplay, createProgressDialog) and Qt 5.15's QProgressDialog. slicer-core ships slicer.util with the real
@@ -12,7 +13,7 @@ import sys
 import types
 
 import slicer
-from slicer_standins import QWidget
+from slicer_standins import QWidget, fire
 
 
 class QProgressDialog(QWidget):
@@ -35,6 +36,36 @@ class QProgressDialog(QWidget):
     def close(self):
         object.__setattr__(self, "_closed", True)
         return True
+
+
+class qMRMLNodeComboBox(QWidget):
+    """The Q_PROPERTYs, slots and signal of Slicer 5.10's qMRMLNodeComboBox.h that the effect uses. The node
+    list is the scene's nodes of `nodeTypes`; with `noneEnabled` nothing is selected until the user picks."""
+
+    PROPERTIES = {**QWidget.PROPERTIES, "nodeTypes": (), "noneEnabled": False, "addEnabled": True,
+                  "removeEnabled": True, "renameEnabled": False, "showHidden": False,
+                  "selectNodeUponCreation": True, "baseName": ""}
+    SIGNALS = ("currentNodeChanged(vtkMRMLNode*)",)
+
+    def __init__(self, parent=None):
+        super().__init__()
+        object.__setattr__(self, "_scene", None)
+        object.__setattr__(self, "_current", None)
+
+    def setMRMLScene(self, scene):
+        object.__setattr__(self, "_scene", scene)
+
+    def mrmlScene(self):
+        return self._scene
+
+    def setCurrentNode(self, node):
+        assert node is None or node.GetClassName() in self.nodeTypes, "the combo box does not list that node"
+        object.__setattr__(self, "_current", node)
+        fire(self, "currentNodeChanged(vtkMRMLNode*)", node)
+
+    def currentNode(self):
+        node = self._current
+        return node if node is not None and self._scene is not None and self._scene.IsNodePresent(node) else None
 
 
 def cancel_progress(dialog: QProgressDialog):
@@ -104,6 +135,7 @@ def install(monkeypatch):
     i18n = i18n_module()  # slicer.i18n is the app's (slicer-core has none)
     monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
     monkeypatch.setattr(slicer, "i18n", i18n, raising=False)
+    monkeypatch.setattr(slicer, "qMRMLNodeComboBox", qMRMLNodeComboBox, raising=False)
     for name in ("confirmOkCancelDisplay", "infoDisplay", "errorDisplay", "createProgressDialog"):
         monkeypatch.setattr(slicer.util, name, getattr(Dialogs, name))
     for name in ("confirmations", "infos", "errors", "progress"):

@@ -403,3 +403,31 @@ def test_the_editors_undo_and_redo_take_the_effects_correction_out_of_the_model_
     editor.logic.Undo()  # the correction
     assert np.array_equal(propagate(), first), "the undone correction came back"
     assert len(prompts(editor)) == 1
+
+
+def test_an_roi_picked_in_the_effect_is_a_3d_box_that_limits_propagation(editor, effect):
+    from medsam2_backend.engine.test_engine import shrink_mask
+
+    fire(effect.roiButton, "clicked()")
+    assert "Pick an ROI first" in effect.statusLabel.text and not editor.voxels("a").any()
+    effect.setMRMLDefaults()  # as the Segment Editor does when it activates the effect
+    effect.updateGUIFromMRML()
+    assert effect.roiMarginSpinBox.value == 10  # mm, as the CLI's 3D boxes
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(16.0, 16.0, 5.0)
+    roi.SetSize(12.0, 10.0, 2.0)  # slices 4 .. 6 of 0 .. 11 (1 mm slices; RAS = IJK here)
+    effect.roiSelector.setCurrentNode(roi)
+    effect.roiMarginSpinBox.value = 1  # one slice each way: 3 .. 7
+    assert effect.scriptedEffect.parameter("RoiMarginMm") == "1"  # saved with the scene, as the other options
+    fire(effect.roiButton, "clicked()")
+    standins.run_timers()
+    box = np.zeros(SHAPE_KJI[1:], bool)
+    box[11:22, 10:23] = True  # the ROI's outline on its centre slice
+    assert np.array_equal(editor.voxels("a")[5] > 0, box) and prompts(editor)[0].slice_range == (3, 7)
+    assert "propagation stays within slices 3..7" in effect.statusLabel.text
+    fire(effect.propagateButton, "clicked()")
+    standins.run_timers()
+    expected = np.zeros(SHAPE_KJI, bool)
+    for k in range(3, 8):
+        expected[k] = shrink_mask(box, abs(k - 5))
+    assert np.array_equal(editor.voxels("a") > 0, expected)

@@ -131,7 +131,7 @@ def test_test_connection_shows_the_servers_lists_and_keeps_the_choice(gui_stubs)
     widget.cleanup()
 
 
-def test_effect_imports_and_builds_its_options(gui_stubs):
+def test_effect_imports_and_builds_its_options(gui_stubs, mrml):  # the app always has a scene
     import qt
     from SegmentEditorMedSAM2Lib import SegmentEditorEffect
 

@@ -171,15 +171,18 @@ def test_options_live_in_the_parameter_node_and_survive_save_and_reload(gui_stub
     effect = _effect_on(node)
     effect.setMRMLDefaults()
     assert {key: node.GetAttribute(f"MedSAM2.{key}") for key in effect_options.DEFAULTS} == {
-        "Direction": "both", "RangeStart": "-1", "RangeStop": "-1", "StopAfterEmpty": "0", "AllSegments": "0"}
+        "Direction": "both", "RangeStart": "-1", "RangeStop": "-1", "StopAfterEmpty": "0", "AllSegments": "0",
+        "RoiMarginMm": "10"}
     assert all(standins.connected(w, s) == [effect.updateMRMLFromGUI]
                for w, s, _r, _w in effect._optionWidgets().values())
     # The user changes the widgets: their signals write the parameter node.
     effect.directionComboBox.currentText, effect.rangeStopSpinBox.value, effect.stopAfterEmptySpinBox.value = (
         "forward", 30, 3)
     effect.allSegmentsCheckBox.checked = True
+    effect.roiMarginSpinBox.value = 25
     assert {key: node.GetAttribute(f"MedSAM2.{key}") for key in effect_options.DEFAULTS} == {
-        "Direction": "forward", "RangeStart": "-1", "RangeStop": "30", "StopAfterEmpty": "3", "AllSegments": "1"}
+        "Direction": "forward", "RangeStart": "-1", "RangeStop": "30", "StopAfterEmpty": "3", "AllSegments": "1",
+        "RoiMarginMm": "25"}
     effect.setMRMLDefaults()  # defaults never overwrite what the user chose
     mrml.SetSaveToXMLString(1)
     mrml.Commit()
@@ -196,7 +199,8 @@ def test_options_live_in_the_parameter_node_and_survive_save_and_reload(gui_stub
     # Shown with signals blocked: the first widget set must not write the others' defaults over the stored values.
     fresh.updateGUIFromMRML()
     assert (fresh.directionComboBox.currentText, fresh.rangeStartSpinBox.value, fresh.rangeStopSpinBox.value,
-            fresh.stopAfterEmptySpinBox.value, fresh.allSegmentsCheckBox.checked) == ("forward", -1, 30, 3, True)
+            fresh.stopAfterEmptySpinBox.value, fresh.allSegmentsCheckBox.checked, fresh.roiMarginSpinBox.value) == (
+        "forward", -1, 30, 3, True, 25)
     assert loaded_node.GetAttribute("MedSAM2.RangeStop") == "30"
     assert not any(standins.signals_blocked(w) for w, _s, _r, _w in fresh._optionWidgets().values())
     for each in (effect, fresh):
