@@ -13,7 +13,7 @@ import sys
 import types
 
 import slicer
-from slicer_standins import QWidget, fire
+from qt_standins import QWidget, fire
 
 
 class QProgressDialog(QWidget):
