@@ -51,16 +51,22 @@ def describe(prompt: RasPrompt) -> str:
 class RemovalOutcome:
     removed: RasPrompt
     remaining: int
-    propagated_slices: int  # slices written by the re-propagation (0 when none was needed)
+    propagated_slices: int  # slices written by the re-propagation (0 when none was needed, or not run yet)
     reset: bool  # no prompt was left: the segment was reset
+    repropagate: dict | None = None  # with propagate=False: the options to propagate again with, into `step`
+    step: "OneUndoStep | None" = None  # the removal's undo step, for that propagation to write into
 
 
-class _OneUndoStep:
-    """A write target whose undo state is saved once, so a removal (clear + replays + propagation) is one step."""
+class OneUndoStep:
+    """A write target whose undo state is saved once, so a removal (clear + replays + propagation) is one step.
+    Anything else is the wrapped target's (e.g. the effect's selection pinning)."""
 
     def __init__(self, target):
         self._target, self._saved = target, False
         self.segmentation_node = target.segmentation_node
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
 
     def save_state_for_undo(self):
         if not self._saved:
@@ -86,14 +92,17 @@ def slice_to_ras_along(volume_node, axis: int) -> np.ndarray:
     return matrix
 
 
-def remove_prompt(controller, volume_node, target, segment_id: str, index: int = -1) -> RemovalOutcome:
-    """Remove the segment's prompt `index` (default: the latest); see the module docstring for what follows."""
+def remove_prompt(controller, volume_node, target, segment_id: str, index: int = -1,
+                  propagate: bool = True) -> RemovalOutcome:
+    """Remove the segment's prompt `index` (default: the latest); see the module docstring for what follows.
+    With `propagate=False` the re-propagation is left to the caller (a GUI runs it off its main thread): the
+    outcome names its options and the undo step to write it into."""
     prompts = controller.prompts(volume_node, segment_id, target)
     if not prompts:
         raise MedSAM2ActionError(tr("This segment has no MedSAM2 prompt to remove."))
     removed = prompts.pop(index)
     last = controller.last_propagation.get((volume_node.GetID(), segment_id))
-    step = _OneUndoStep(target)
+    step = OneUndoStep(target)
     controller.reset_segment(volume_node, step, segment_id)
     shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))
     writer = SliceBatchWriter(step, segment_id, geometry.ijk_to_node_local(volume_node, target.segmentation_node),
@@ -105,9 +114,10 @@ def remove_prompt(controller, volume_node, target, segment_id: str, index: int =
                               box_corners_ras=prompt.box_corners_ras,
                               slice_to_ras=slice_to_ras_along(volume_node, prompt.axis),
                               box_margin_mm=prompt.box_margin_mm or geometry.DEFAULT_BOX_MARGIN_MM)
-    propagated = 0
-    if prompts and last is not None:
-        propagated = controller.propagate(volume_node, step, segment_id, **last).slices_written
+    again = dict(last) if prompts and last is not None else None
+    if again is None or not propagate:
+        return RemovalOutcome(removed, len(prompts), 0, reset=not prompts, repropagate=again, step=step)
+    propagated = controller.propagate(volume_node, step, segment_id, **again).slices_written
     return RemovalOutcome(removed, len(prompts), propagated, reset=not prompts)
 
 

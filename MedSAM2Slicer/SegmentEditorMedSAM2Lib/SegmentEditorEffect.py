@@ -349,11 +349,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                    "stop_after_empty": self.stopAfterEmptySpinBox.value or None}
         self._run("propagating", lambda controller, volume, target: self._propagate(controller, target, options))
 
-    def _propagate(self, controller, target, options):
+    def _propagate(self, controller, target, options, segments=None, prefix=""):
         """Read the backend's slices on a worker thread and write them here, on the main thread, as they arrive:
-        Slicer stays responsive (scroll, look, Cancel) between slices. The console API stays synchronous."""
-        segments = (controller.propagated_segments(target.source_volume, target) if self.allSegmentsCheckBox.checked
-                    else [target.segment_id])
+        Slicer stays responsive (scroll, look, Cancel) between slices. The console API stays synchronous.
+        `segments`: those to propagate (default: the selected one, or all with *All MedSAM2 segments*)."""
+        if segments is None:
+            segments = (controller.propagated_segments(target.source_volume, target)
+                        if self.allSegmentsCheckBox.checked else [target.segment_id])
         job = controller.begin_propagation(target.source_volume, target, segments, **options)
 
         def apply(result):
@@ -374,6 +376,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                     read()
                 else:
                     self._showOutcome(outcome)
+                    self.statusLabel.text = prefix + self.statusLabel.text
             except MedSAM2ActionError as action_error:
                 self.statusLabel.text = str(action_error)
             finally:
@@ -506,12 +509,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _removePrompt(self, index):
         def remove(controller, volume, target):
-            outcome = prompt_list.remove_prompt(controller, volume, target, target.segment_id, index)
+            outcome = prompt_list.remove_prompt(controller, volume, target, target.segment_id, index,
+                                                propagate=False)
             removed = _("Removed the prompt on slice {k}.").format(k=outcome.removed.slice_index)
-            self.statusLabel.text = removed + " " + (
-                _("No prompt left: the segment was reset (Undo brings the prompt's result back).") if outcome.reset
-                else _("{n} prompt(s) replayed, {m} slices propagated again.").format(
-                    n=outcome.remaining, m=outcome.propagated_slices))
+            if outcome.reset:
+                self.statusLabel.text = removed + " " + _(
+                    "No prompt left: the segment was reset (Undo brings the prompt's result back).")
+                return None
+            replayed = removed + " " + _("{n} prompt(s) replayed.").format(n=outcome.remaining)
+            self.statusLabel.text = replayed
+            self.refreshPrompts()
+            if outcome.repropagate is None:
+                return None
+            # Propagated again as its last propagation was, off the main thread, into the removal's undo step.
+            return self._propagate(controller, outcome.step, outcome.repropagate, [target.segment_id],
+                                   prefix=replayed + " " + _("Propagated again:") + " ")
 
         self._run("removing a prompt", remove)
         self.refreshPrompts()

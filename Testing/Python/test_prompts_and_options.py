@@ -272,7 +272,7 @@ def test_n_flips_one_click_and_x_and_the_button_remove_prompts_in_one_undo_step(
     assert press_key(effect, editor.view, "x") is True  # the latest prompt goes; the others are replayed
     assert len(prompts(editor)) == 3 and not editor.voxels("a")[5, 24, 24] and editor.voxels("a")[5, 8, 8]
     assert effect.scriptedEffect._undo_states == undo_states + 1
-    assert effect.statusLabel.text == "Removed the prompt on slice 5. 3 prompt(s) replayed, 0 slices propagated again."
+    assert effect.statusLabel.text == "Removed the prompt on slice 5. 3 prompt(s) replayed."  # nothing propagated
     effect.promptList.setCurrentRow(1)  # the negative point, selected in the list
     fire(effect.removePromptButton, "clicked()")
     assert [p.labels.tolist() for p in prompts(editor)] == [[1], [1]] and editor.voxels("a")[5, 16, 16]
@@ -281,10 +281,13 @@ def test_n_flips_one_click_and_x_and_the_button_remove_prompts_in_one_undo_step(
     standins.run_timers()
     propagated = editor.voxels("a")
     assert propagated[4, 16, 16] and propagated[4, 8, 8]
-    press_key(effect, editor.view, "x")  # after a propagation: it is run again, without the removed prompt
-    replayed = re.fullmatch(r"Removed the prompt on slice 5\. 1 prompt\(s\) replayed, (\d+) slices propagated "
-                            r"again\.", effect.statusLabel.text)
+    press_key(effect, editor.view, "x")  # after a propagation: it is run again, without the removed prompt,
+    assert effect.progressBar.value == 0 and not effect.propagateButton.enabled  # on a worker thread
+    standins.run_timers()
+    replayed = re.fullmatch(r"Removed the prompt on slice 5\. 1 prompt\(s\) replayed\. Propagated again: "
+                            r"(\d+) slices\.", effect.statusLabel.text)
     assert replayed and int(replayed.group(1)) > 1 and effect.scriptedEffect._undo_states == undo_states + 4
+    assert effect.propagateButton.enabled
     assert editor.voxels("a")[4, 16, 16] and not editor.voxels("a")[4:7, 8, 8].any()
 
 
