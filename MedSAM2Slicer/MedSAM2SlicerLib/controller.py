@@ -43,6 +43,7 @@ class RasPrompt:
     labels: np.ndarray | None = None  # (N,), 1 positive, 0 negative
     box_corners_ras: np.ndarray | None = None  # (2, 4 or 8, 3)
     source: str = "prompt"  # "prompt", "segment" (the segment's voxels on the slice) or "edit" (a user's edit)
+    mask: np.ndarray | None = None  # "segment"/"edit": the slice's mask (rows, columns of the slice) given
     slice_range: tuple[int, int] | None = None  # a 3D box (an ROI): the slices propagation is limited to
     box_margin_mm: float | None = None  # the margin that range was made with (to place the box again)
 
@@ -141,10 +142,17 @@ class SessionController:
             if not mask.any() and (live is None or live.axis != choice.axis):
                 raise MedSAM2ActionError(f"The segment has no voxels on slice {slice_index}; paint it there first, "
                                          "or place a point or a box.")
-            self._prompt(volume_node, target, segment_id, choice.axis,
-                         PromptCall(slice_index, {"mask": mask}, "segment"),
-                         RasPrompt(slice_index, choice.axis, source="segment"), write=False)
+        self.add_mask_prompt(volume_node, target, segment_id, choice.axis, slice_index, mask)
         return PromptOutcome(slice_index, choice.axis, int(np.count_nonzero(mask)), choice.warning)
+
+    def add_mask_prompt(self, volume_node, target, segment_id: str, axis: int, slice_index: int, mask,
+                        source: str = "segment") -> None:
+        """Give the model a slice mask as it is (the user's voxels: they are not written), e.g. to place a
+        "Use segment as prompt" or an edit again when another prompt is removed."""
+        with as_action_error("Using the segment as the prompt"):
+            mask = np.asarray(mask, bool)
+            self._prompt(volume_node, target, segment_id, axis, PromptCall(slice_index, {"mask": mask}, source),
+                         RasPrompt(slice_index, axis, source=source, mask=mask), write=False)
 
     def propagate(self, volume_node, target, segment_id: str, *, direction: str = "both", start=None, stop=None,
                   stop_after_empty=None, postprocess: Sequence[str] = (),
@@ -472,7 +480,7 @@ class SessionController:
             call = PromptCall(k, {"mask": np.take(current, k, axis=live.axis)}, "edit")
             call.apply(entry.session, obj_id)
             calls.append(call)
-            prompts.append(RasPrompt(k, live.axis, source="edit"))
+            prompts.append(RasPrompt(k, live.axis, source="edit", mask=call.kwargs["mask"]))
             action.accepted.append((live.axis, k, k))
         if edited:
             action.change(segment_id, live.axis, calls, prompts)

@@ -110,6 +110,10 @@ def remove_prompt(controller, volume_node, target, segment_id: str, index: int =
     writer.add(removed.slice_index, np.zeros([n for a, n in enumerate(shape) if a != removed.axis], bool))
     writer.flush()
     for prompt in prompts:
+        if prompt.mask is not None:  # the user's voxels given as they were ("Use segment as prompt", an edit)
+            controller.add_mask_prompt(volume_node, step, segment_id, prompt.axis, prompt.slice_index, prompt.mask,
+                                       prompt.source)
+            continue
         controller.add_prompt(volume_node, step, segment_id, points_ras=prompt.points_ras, labels=prompt.labels,
                               box_corners_ras=prompt.box_corners_ras,
                               slice_to_ras=slice_to_ras_along(volume_node, prompt.axis),

@@ -76,6 +76,26 @@ def test_removing_the_latest_prompt_replays_the_rest_and_repropagates_in_one_und
     np.testing.assert_array_equal(_mask(segmentation, segment_id, volume), before)
 
 
+def test_removing_a_prompt_keeps_the_painted_slices_the_model_was_given(segmenting):
+    """An edited slice taken as a correction, and a slice given with "Use segment as prompt", are mask prompts:
+    removing another prompt replays them as they were (they have no point or box to replay)."""
+    logic, volume, segmentation = segmenting
+    segment_id = logic.segment(volume, segmentation, box_ras=_box_ras(6, 10, 25), view="axial", propagate=False)
+    logic.propagate(volume, segmentation, segment_id)
+    painted = np.zeros((12, 40, 40), np.uint8)
+    painted[8, 2:9, 30:38] = 1  # a blob painted by hand on slice 8, away from the box
+    slicer.util.updateSegmentBinaryLabelmapFromArray(
+        np.maximum(painted, _mask(segmentation, segment_id, volume)), segmentation, segment_id, volume)
+    assert logic.propagate(volume, segmentation, segment_id).edits_taken == {segment_id: [8]}
+    point = geometry.ijk_to_ras(np.array([[17.0, 17.0, 4.0]]), AXIAL_IJK_TO_RAS)
+    logic.segment(volume, segmentation, segment_id, points_ras=point, labels=[0], propagate=False)
+    outcome = prompt_list.remove_prompt(logic.controller, volume, logic.target_for(segmentation, volume), segment_id)
+    assert outcome.remaining == 2 and [p.source for p in logic.controller.prompts(volume, segment_id)] == [
+        "prompt", "edit"]
+    mask = _mask(segmentation, segment_id, volume)
+    assert mask[8, 2:9, 30:38].all() and mask[9, 4:7, 32:36].all()  # the edit is still the model's correction
+
+
 def test_removing_a_prompt_that_was_never_propagated_clears_its_slice_only(segmenting):
     logic, volume, segmentation = segmenting
     segment_id = logic.segment(volume, segmentation, box_ras=_box_ras(3, 5, 15), view="axial", propagate=False)
