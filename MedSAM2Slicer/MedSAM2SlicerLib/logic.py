@@ -208,6 +208,9 @@ class MedSAM2SlicerLogic:
         """
         controller = self._require_controller()
         target = self.target_for(segmentation_node, volume_node)
+        if roi_node is not None and not roi_node.IsA("vtkMRMLMarkupsROINode"):
+            raise MedSAM2ActionError(f"roi_node must be a markups ROI (vtkMRMLMarkupsROINode), not a "
+                                     f"{roi_node.GetClassName()}.")
         created = segment_id is None
         if created:
             segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", "MedSAM2")

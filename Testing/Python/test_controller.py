@@ -543,3 +543,13 @@ def test_a_3d_roi_prompts_its_centre_slice_and_keeps_propagation_within_its_slic
     flat.SetSize(12.0, 12.0, 1.0)  # thinner than a slice: a 2D box, propagation unlimited
     b = logic.segment(volume, segmentation, roi_node=flat)
     assert b.prompt.slice_range is None and (_segment(segmentation, b, volume) > 0)[[0, 11]].any()
+    segments = segmentation.GetSegmentation().GetNumberOfSegments()
+    points = mrml.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    with pytest.raises(MedSAM2ActionError, match="must be a markups ROI"):
+        logic.segment(volume, segmentation, roi_node=points)
+    outside = mrml.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    outside.SetCenter(16.0, 15.0, 80.0)
+    outside.SetSize(12.0, 12.0, 6.0)
+    with pytest.raises(MedSAM2ActionError, match="outside the image"):
+        logic.segment(volume, segmentation, roi_node=outside)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == segments  # no empty segment left behind
