@@ -553,3 +553,31 @@ def test_a_3d_roi_prompts_its_centre_slice_and_keeps_propagation_within_its_slic
     with pytest.raises(MedSAM2ActionError, match="outside the image"):
         logic.segment(volume, segmentation, roi_node=outside)
     assert segmentation.GetSegmentation().GetNumberOfSegments() == segments  # no empty segment left behind
+
+
+def test_a_3d_roi_under_a_transform_on_an_oblique_volume_lands_on_the_voxels_it_spans(mrml):
+    """The ROI is drawn in the volume's own voxel grid (its parent transform is the volume's IJK->world, itself
+    under a transform), so the voxels it spans are known by hand on this oblique, flipped, anisotropic volume."""
+    volume = scenarios.add_volume()  # (20, 40, 50), oblique
+    moved = mrml.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    moved.SetMatrixTransformToParent(geometry.vtk_matrix(np.array(
+        [[0.0, -1, 0, 5], [1, 0, 0, -3], [0, 0, 1, 7], [0, 0, 0, 1]])))
+    volume.SetAndObserveTransformNodeID(moved.GetID())
+    ijk_to_world = geometry.ijk_to_world_ras(volume)
+    axis = geometry.choose_propagation_axis(ijk_to_world, geometry.view_slice_to_ras("axial")).axis
+    grid = mrml.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    grid.SetMatrixTransformToParent(geometry.vtk_matrix(ijk_to_world))  # ROI coordinates = the volume's I, J, K
+    roi = mrml.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetAndObserveTransformNodeID(grid.GetID())
+    low_kji, high_kji = np.roll([4, 10, 12], axis), np.roll([8, 18, 30], axis)  # slices 4..8 along the axis
+    roi.SetCenter(*((low_kji + high_kji) / 2)[::-1])
+    roi.SetSize(*(high_kji - low_kji)[::-1])
+    segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = MedSAM2SlicerLogic()
+    logic.connect(engine=DiskEngine(radius=3, shrink=0))  # shrink 0: every propagated slice is the box again
+    a = logic.segment(volume, segmentation, roi_node=roi, box_margin_mm=0.0)
+    assert a.prompt.axis == axis and a.prompt.slice_index == 6 and a.prompt.slice_range == (4, 8)
+    expected = np.zeros((20, 40, 50), bool)
+    block = [slice(4, 9), slice(10, 19), slice(12, 31)]
+    expected[tuple(np.roll(block, axis))] = True
+    assert np.array_equal(_segment(segmentation, a, volume) > 0, expected)
