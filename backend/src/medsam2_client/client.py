@@ -21,6 +21,7 @@ import random
 import socket
 import time
 import urllib.parse
+import weakref
 
 import numpy as np
 
@@ -58,6 +59,9 @@ class MedSAM2Client:
         self.codec = codec or ("raw" if protocol.is_loopback(self._host) else "zlib")
         self.busy_retry_s = busy_retry_s
         self._compatible = False
+        # fingerprint -> the voxels a live session keeps for re-opening: sessions of one volume (on other axes,
+        # say) keep one array between them, whatever copies their callers passed.
+        self._volumes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     # ---- public -----------------------------------------------------------------------------------------------
     def health(self) -> dict:
@@ -251,13 +255,14 @@ class RemoteSession:
         self._client = client
         self.cancel = cancel  # a threading.Event ending this session's waits for a busy server (errors.Cancelled)
         try:
-            self._volume = wire.wire_array(volume)
+            volume = wire.wire_array(volume)
         except wire.WireFormatError as e:
             raise errors.BadRequest(str(e)) from None
         self.spacing = tuple(float(s) for s in spacing)
         self.axis = axis
         self._preprocessing = dict(preprocessing) if preprocessing else None
-        self.fingerprint = fingerprint or wire.fingerprint(self._volume)
+        self.fingerprint = fingerprint or wire.fingerprint(volume)
+        self._volume = client._volumes.setdefault(self.fingerprint, volume)
         self._prompts: list[dict] = []  # the prompt requests of the live objects, replayed on re-open
         self.uploads = 0  # volume uploads so far (0 when the server already had the volume)
         self.reopened = 0  # transparent re-opens after the server dropped the session
