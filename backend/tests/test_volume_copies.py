@@ -13,12 +13,11 @@ import weakref
 import numpy as np
 import pytest
 
-from medsam2_backend.engine import Preprocessing
+from medsam2_backend.engine import DiskEngine, Preprocessing
 from medsam2_backend.engine.preprocess import intensity_range
 from medsam2_backend.engine.sam2_engine import Sam2Engine
 from medsam2_backend.server.sessions import SessionManager
 from medsam2_client import MedSAM2Client, wire
-from medsam2_backend.engine import DiskEngine
 from server_helpers import random_volume, thread_server
 
 DTYPES = (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.float32, np.float64)
