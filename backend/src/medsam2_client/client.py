@@ -93,7 +93,7 @@ class MedSAM2Client:
         `fingerprint`: `wire.fingerprint(volume)` when the caller already has it (hashing 150 MB takes 0.1 s).
         `upload_progress(fraction)`: called with 0..1 while the volume is sent (not at all when it is not sent).
         `cancel`: a `threading.Event` that ends a wait for a busy server (`errors.Cancelled`); the session keeps it
-        as its `cancel` for its later calls (assign another one per action).
+        as its `cancel_event` for its later calls (assign another one per action).
         """
         self._ensure_compatible()
         return RemoteSession(self, volume, spacing, axis, preprocessing, fingerprint, upload_progress, cancel)
@@ -253,7 +253,7 @@ class RemoteSession:
                  preprocessing: dict | None = None, fingerprint: str | None = None, upload_progress=None,
                  cancel=None):
         self._client = client
-        self.cancel = cancel  # a threading.Event ending this session's waits for a busy server (errors.Cancelled)
+        self.cancel_event = cancel  # a threading.Event ending this session's waits for a busy server (errors.Cancelled)
         try:
             volume = wire.wire_array(volume)
         except wire.WireFormatError as e:
@@ -277,12 +277,12 @@ class RemoteSession:
                 "preprocessing": self._preprocessing}
         for attempt in range(3):
             try:
-                info = self._client.request_json("POST", protocol.SESSIONS, body, self.cancel)
+                info = self._client.request_json("POST", protocol.SESSIONS, body, self.cancel_event)
                 break
             except errors.NotFound:
                 if attempt == 2:
                     raise
-            self._client.upload_volume(self._volume, self.fingerprint, self._upload_progress, self.cancel)
+            self._client.upload_volume(self._volume, self.fingerprint, self._upload_progress, self.cancel_event)
             self.uploads += 1
         self.session_id = info["session_id"]
         self.num_slices = info["num_slices"]
@@ -329,7 +329,7 @@ class RemoteSession:
 
     def _send_prompt(self, body: dict) -> SliceMask:
         response = self._client.request("POST", self._path(protocol.PROMPTS), json.dumps(body).encode(),
-                                        {"Content-Type": "application/json"}, self.cancel)
+                                        {"Content-Type": "application/json"}, self.cancel_event)
         with self._client._translated_errors():
             data = response.read()
         response.close()
@@ -350,12 +350,12 @@ class RemoteSession:
         """Change the intensity mapping (a CT preset, level/width, percentiles, resize); prompts are kept."""
         options = dict(preprocessing or {})
         self._reopening(lambda: self._client.request_json("PUT", self._path(protocol.PREPROCESSING), options,
-                                                          self.cancel))
+                                                          self.cancel_event))
         self._preprocessing = options or None
 
     def reset_object(self, obj_id: int) -> None:
         self._reopening(lambda: self._client.request_json("DELETE", self._path(protocol.OBJECT, obj_id=obj_id),
-                                                          cancel=self.cancel))
+                                                          cancel=self.cancel_event))
         self._prompts = [b for b in self._prompts if b["obj_id"] != obj_id]
 
     def close(self) -> None:
@@ -380,7 +380,7 @@ class RemotePropagation:
         self._session = session
         self._client = session._client
         self._response = self._client.request("POST", session._path(protocol.PROPAGATE), json.dumps(body).encode(),
-                                              {"Content-Type": "application/json"}, session.cancel)
+                                              {"Content-Type": "application/json"}, session.cancel_event)
         self._cancelled = False
         self.summary: PropagationSummary | None = None
         self.done = 0
