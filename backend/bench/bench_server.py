@@ -4,12 +4,14 @@ upload_first    open a session on a 512x512x300 int16 volume: fingerprint, uploa
 upload_repeat   the same volume again: fingerprint hit, no upload (target ~0)
 prompt_overhead a point prompt through client + server / the same prompt on an in-process engine session
                 (SAM-2 with random weights; target ratio <= 1.1 or <= 20 ms extra)
+axes            peak server RSS (VmHWM) of a fresh SAM-2 server (random weights) opening sessions on all three
+                axes of one 512x512x<slices> int16 volume: one upload, and no volume-sized copy per axis
 amplifier_*     peak server RSS (VmHWM) of a fresh `--test-engine` server before and after one small hostile
                 request: a 57 MiB JSON body without the token, a 2 MiB zlib body declaring 1024^3 uint16 (at the
                 default limits, and with --memory-budget 1 below its size), a 43 KB mask prompt declaring 16384^2
 
 Run: .venv/bin/python backend/bench/bench_server.py [--slices 300] [--repeats 5] [--threads 1]
-     [--cases upload,prompt,amplifiers]
+     [--cases upload,prompt,axes,amplifiers]
 """
 
 from __future__ import annotations
@@ -72,6 +74,26 @@ def bench_upload(slices: int) -> None:
         assert known.uploads == 0
         emit(case="upload_repeat_known_fingerprint", ours_s=round(time.perf_counter() - t0, 4),
              note="as Slicer opens it: the fingerprint kept since the voxels last changed, one request")
+    finally:
+        stop_process(proc)
+
+
+def bench_axes(slices: int) -> None:
+    proc, url = start_server_process("--random-weights", "--device", "cpu", ready_timeout=180)
+    try:
+        client = MedSAM2Client(url, timeout=120)
+        vol = ct_like((slices, 512, 512))
+        volume_mib = vol.nbytes / 2**20
+        before = peak_rss_mib(proc.pid)
+        sessions = [client.open_session(vol, axis=0)]
+        first = peak_rss_mib(proc.pid)
+        sessions += [client.open_session(vol, axis=axis, fingerprint=sessions[0].fingerprint) for axis in (1, 2)]
+        every = peak_rss_mib(proc.pid)
+        assert [s.uploads for s in sessions] == [1, 0, 0]
+        emit(case="axes", volume_mib=round(volume_mib), rss_before_mib=round(before),
+             first_axis_peak_volumes=round((first - before) / volume_mib, 2),
+             three_axes_peak_volumes=round((every - before) / volume_mib, 2),
+             note="VmHWM above the idle server, in volumes: 1 is the upload itself")
     finally:
         stop_process(proc)
 
@@ -160,7 +182,7 @@ def main() -> None:
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides of prompt_overhead")
-    p.add_argument("--cases", default="upload,prompt,amplifiers")
+    p.add_argument("--cases", default="upload,prompt,axes,amplifiers")
     args = p.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     cases = args.cases.split(",")
@@ -168,6 +190,8 @@ def main() -> None:
         bench_upload(args.slices)
     if "prompt" in cases:
         bench_prompt(args.repeats, args.threads)
+    if "axes" in cases:
+        bench_axes(args.slices)
     if "amplifiers" in cases:
         import tempfile
 

@@ -1,5 +1,7 @@
 """The torch-free client against real servers (uvicorn in a thread): exact masks, concurrency, eviction, cancel."""
 
+import http.server
+import json
 import threading
 import time
 
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 
 from medsam2_backend.engine import DiskEngine
-from medsam2_client import MedSAM2Client, errors
+from medsam2_client import MedSAM2Client, errors, protocol
 from server_helpers import SlowDiskEngine, box_mask, random_volume, thread_server
 
 
@@ -240,3 +242,62 @@ def test_a_stream_longer_than_the_idle_body_deadline_is_not_cut():
         s = MedSAM2Client(url, timeout=20).open_session(random_volume((12, 16, 16)))
         s.add_prompt(1, 0, box=(2, 2, 9, 9))
         assert len(list(s.propagate())) == 12  # every slice, the prompted one included
+
+
+class _BusyStandIn(http.server.BaseHTTPRequestHandler):
+    """A server that is healthy and always busy, asking for a retry in 30 s; counts the requests it refused."""
+
+    refused: list = []
+    asked = threading.Event()
+
+    def do_GET(self):
+        self._answer(200, {"status": "ok", "protocol_version": protocol.PROTOCOL_VERSION})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).refused.append(self.path)
+        self._answer(409, {"error": {"code": "busy", "message": "The server is busy: 8 users are active; retry in "
+                                                                   "a moment."}}, {"Retry-After": "30"})
+        type(self).asked.set()
+
+    def _answer(self, status, body, headers=()):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for k, v in dict(headers).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_cancel_ends_the_wait_for_a_busy_server_at_once():
+    """Retry-After says 30 s and the client would wait up to 90: setting the caller's event ends it now."""
+    stand_in = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BusyStandIn)
+    threading.Thread(target=stand_in.serve_forever, daemon=True).start()
+    try:
+        client = MedSAM2Client(f"http://127.0.0.1:{stand_in.server_address[1]}", busy_retry_s=90)
+        cancel, outcome, finished = threading.Event(), [], threading.Event()
+
+        def open_it():
+            try:
+                client.open_session(random_volume((4, 8, 8)), cancel=cancel)
+            except errors.MedSAM2Error as e:
+                outcome.append(e)
+            finished.set()
+
+        threading.Thread(target=open_it, daemon=True).start()
+        assert _BusyStandIn.asked.wait(10), "the client never asked"
+        assert not finished.wait(0.3)  # it waits as told ...
+        cancel.set()
+        assert finished.wait(5), "the cancel did not end the wait"  # ... until cancelled (30 s otherwise)
+        (error,) = outcome
+        assert isinstance(error, errors.Cancelled) and isinstance(error, errors.Busy)
+        assert "busy" in str(error) and "cancelled" in str(error)
+        assert _BusyStandIn.refused == [protocol.SESSIONS]  # no retry after the cancel
+    finally:
+        stand_in.shutdown()
+        stand_in.server_close()

@@ -47,7 +47,9 @@ def test_feature_cache_respects_its_budget_and_serves_repeats(sam2_model, volume
     s.add_prompt(1, 0, box=[10, 8, 40, 30])
     list(s.propagate())
     per_slice = s.cache.nbytes // len(s.cache)
-    assert s.working_bytes() == s.cache.nbytes + volume.size  # the feature cache plus one mask volume
+    # the feature cache, one mask volume and the tracking states (SAM-2's memory of 4 slices, at least)
+    assert s.working_bytes() == s.cache.nbytes + volume.size + s.tracking_bytes()
+    assert s.tracking_bytes() > 4 * 64 * 32 * 32 * 2
     assert len(s.cache) == 4 and s.cache.misses == 4
     small = Sam2Engine(sam2_model, cache_budget_bytes=2 * per_slice + 1).open_session(volume, preprocessing=PRE)
     small.add_prompt(1, 0, box=[10, 8, 40, 30])

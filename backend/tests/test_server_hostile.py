@@ -96,6 +96,31 @@ def test_a_zlib_bomb_is_refused_before_it_is_decoded(tmp_path):
         assert peak_rss_mib(proc.pid) - before < 20
 
 
+def test_a_zlib_bomb_within_the_default_limits_holds_its_reservation_not_the_memory(tmp_path):
+    """1024^3 uint16 is exactly the default upload cap and within the default budget: a legitimate reservation.
+    Its 2 MiB body inflates zeros, which are never written, so the server's memory stays where it was."""
+    with server_process(tmp_path) as (proc, port, client):
+        before = peak_rss_mib(proc.pid)
+        body, fp = bomb((1024, 1024, 1024), nbytes=2 * MIB)
+        head = http_head("PUT", protocol.VOLUME.format(fingerprint=fp), port, content_type=wire.VOLUME_MEDIA_TYPE,
+                         length=len(body))
+        status, _, answer, _ = exchange(port, head, [body], timeout=120)
+        assert status == 400 and "ends early" in error_of(answer)["message"]
+        assert peak_rss_mib(proc.pid) - before < 64  # was 2,167 MiB: every inflated zero written
+        assert client.open_session(random_volume((4, 16, 16))).uploads == 1  # the reservation went with it
+
+
+def test_a_body_that_inflates_past_its_declared_size_is_refused_at_once(tmp_path):
+    with server_process(tmp_path) as (proc, port, _):
+        before = peak_rss_mib(proc.pid)
+        body, fp = bomb((64, 64, 64), nbytes=2 * MIB)  # 512 KiB declared, ~2 GiB of zeros inflated
+        head = http_head("PUT", protocol.VOLUME.format(fingerprint=fp), port, content_type=wire.VOLUME_MEDIA_TYPE,
+                         length=len(body))
+        status, _, answer, _ = exchange(port, head, [body])
+        assert status == 400 and "more voxel data than its header declares" in error_of(answer)["message"]
+        assert peak_rss_mib(proc.pid) - before < 20
+
+
 def test_uploads_in_flight_count_against_the_budget(tmp_path):
     with server_process(tmp_path, "--memory-budget", str(64 / 1024)) as (proc, port, client):
         fp = "cd" * 16

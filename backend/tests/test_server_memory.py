@@ -44,3 +44,73 @@ def test_feature_caches_shrink_before_anything_is_refused(sam2_model):
         assert refused.value.headers["Retry-After"] and manager.stats()["sessions"] == 1
     assert manager.stats()["reserved_bytes"] == 0
     assert s.engine_session.add_prompt(1, 2, box=(10, 10, 30, 30)).slice_index == 2  # the session still works
+
+
+def state_tensor_bytes(es) -> int:
+    """The memory features and mask logits SAM-2 keeps per tracked slice, read from the states themselves."""
+    total = 0
+    for states in es._states.values():
+        for state in states.values():
+            for outputs in state["output_dict_per_obj"][0].values():
+                for out in outputs.values():
+                    total += out["maskmem_features"].nbytes + out["pred_masks"].nbytes
+    return total
+
+
+def propagate(manager, s):
+    with manager.use(s.id):
+        s.run = run = manager.plan_propagation(s, None)
+        return list(run)
+
+
+def test_tracking_states_count_against_the_budget(sam2_model):
+    volume = random_volume((4, 40, 48))
+    manager = SessionManager(Sam2Engine(sam2_model), max_sessions=1, memory_budget_bytes=1 << 30)
+    s = open_on(manager, volume)
+    es = s.engine_session
+    with manager.use(s.id), manager.admit_object(s, 1):
+        es.add_prompt(1, 1, box=(10, 10, 30, 30))
+    after_prompt = es.tracking_bytes()
+    assert 0 < after_prompt <= es.prompt_growth_bytes()
+    bound = es.propagation_growth_bytes(es.propagate().passes)
+    assert len(propagate(manager, s)) == 4
+    grown = es.tracking_bytes() - after_prompt
+    # Every tracked slice keeps its memory features and mask logits: 5 slice states (the prompted slice on both
+    # sides), each at least 64 x 32 x 32 bfloat16 features; the bound held while it ran covers what it added.
+    assert es.tracking_bytes() >= state_tensor_bytes(es) >= 5 * 64 * 32 * 32 * 2
+    assert 0 < grown <= bound < 2 * grown
+    masks = volume.size  # one bool per voxel for the one object
+    assert manager.memory_bytes() == volume.nbytes + masks + s.cache.nbytes + es.tracking_bytes()
+    assert manager.stats()["reserved_bytes"] == 0
+
+
+def test_growth_that_cannot_fit_is_refused_after_the_feature_cache_shrinks(sam2_model):
+    manager = SessionManager(Sam2Engine(sam2_model), max_sessions=1, memory_budget_bytes=1 << 30)
+    s = open_on(manager, random_volume((4, 40, 48)))
+    es = s.engine_session
+    with manager.use(s.id), manager.admit_object(s, 1):
+        es.add_prompt(1, 1, box=(10, 10, 30, 30))
+    propagate(manager, s)
+    entry = s.cache.nbytes // len(s.cache)
+    assert len(s.cache) == 4
+    # A second object fits only if the cache gives up a slice's features: it does, and the server stays within.
+    with manager.use(s.id), manager.admit_object(s, 2):
+        es.add_prompt(2, 1, box=(12, 12, 28, 28))
+    growth = es.propagation_growth_bytes(es.propagate([2]).passes)
+    manager.memory_budget_bytes = budget = manager.memory_bytes() - entry + growth
+    with manager.use(s.id):
+        s.run = run = manager.plan_propagation(s, [2])
+        assert s.cache.nbytes <= 3 * entry
+        assert len(list(run)) == 4
+    assert manager.memory_bytes() <= budget and manager.stats()["reserved_bytes"] == 0
+    # A third object's propagation cannot fit even with the cache at its floor: refused with a sentence.
+    with manager.use(s.id), manager.admit_object(s, 3):
+        es.add_prompt(3, 2, box=(12, 12, 28, 28))
+    growth = es.propagation_growth_bytes(es.propagate([3]).passes)
+    cached = s.cache.nbytes
+    manager.memory_budget_bytes = manager.memory_bytes() - cached + growth - 1
+    with manager.use(s.id), pytest.raises(ApiError, match="no room for this propagation's tracking states") as e:
+        manager.plan_propagation(s, [3])
+    assert e.value.code == "too_large" and s.cache.nbytes < cached
+    assert manager.stats()["reserved_bytes"] == 0 and s.growth is None
+    assert es.add_prompt(3, 2, box=(10, 10, 30, 30)).mask.shape == (40, 48)  # the session still works

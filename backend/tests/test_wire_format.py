@@ -85,6 +85,28 @@ def test_zlib_bomb_cannot_exceed_the_declared_size():
         wire.decode_volume(header + zlib.compress(bytes(10_000_000)))
 
 
+def test_data_after_the_compressed_voxels_is_refused():
+    header, body = _upload(np.arange(24, dtype=np.int16).reshape(2, 3, 4), "zlib")
+    with pytest.raises(wire.WireFormatError, match="goes on after the end"):
+        wire.decode_volume(header + body + b"\0")
+
+
+@pytest.mark.parametrize("codec", ["raw", "zlib"])
+def test_runs_of_zeros_arrive_as_zeros_fed_in_any_pieces(codec):
+    """Zero bytes are not written (the array starts zeroed): what arrives is still every voxel, in place."""
+    vol = np.zeros((40, 256, 256), np.int16)  # 5 MiB: more than one inflation step
+    vol[3, 5, 7], vol[17] = -1, 300
+    vol[39, 255, 255] = 12
+    header, body = _upload(vol, codec)
+    data = header + body
+    for piece in (1000, 4093, 1 << 20):
+        decoder = wire.VolumeDecoder(1 << 30)
+        for i in range(0, len(data), piece):
+            decoder.feed(data[i : i + piece])
+        got, _ = decoder.finish()
+        np.testing.assert_array_equal(got, vol)
+
+
 def test_mask_is_cropped_to_its_bounding_box():
     mask = np.zeros((300, 400), bool)
     mask[100:120, 250:261] = True

@@ -6,7 +6,8 @@ session (idle timeout, eviction, restart), the session is re-opened transparentl
 call): the volume is re-sent only if the server no longer has it, the prompts of the live objects are replayed,
 then the call is retried. A busy server (more users than it has room for) answers with `Retry-After`: the client
 waits as told, backing off, for up to `busy_retry_s` in all (default `protocol.CLIENT_BUSY_RETRY_S`, 90 s), then
-raises `errors.Busy`.
+raises `errors.Busy`. That wait can be cancelled: pass `cancel` (a `threading.Event`) and set it from any thread;
+the wait ends at once with `errors.Cancelled` (a `Busy`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import random
 import socket
 import time
 import urllib.parse
+import weakref
 
 import numpy as np
 
@@ -57,6 +59,9 @@ class MedSAM2Client:
         self.codec = codec or ("raw" if protocol.is_loopback(self._host) else "zlib")
         self.busy_retry_s = busy_retry_s
         self._compatible = False
+        # fingerprint -> the voxels a live session keeps for re-opening: sessions of one volume (on other axes,
+        # say) keep one array between them, whatever copies their callers passed.
+        self._volumes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     # ---- public -----------------------------------------------------------------------------------------------
     def health(self) -> dict:
@@ -82,14 +87,16 @@ class MedSAM2Client:
 
     def open_session(self, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
                      preprocessing: dict | None = None, fingerprint: str | None = None,
-                     upload_progress=None) -> "RemoteSession":
+                     upload_progress=None, cancel=None) -> "RemoteSession":
         """A session on the server for `volume` (uploaded only if the server does not have it already).
 
         `fingerprint`: `wire.fingerprint(volume)` when the caller already has it (hashing 150 MB takes 0.1 s).
         `upload_progress(fraction)`: called with 0..1 while the volume is sent (not at all when it is not sent).
+        `cancel`: a `threading.Event` that ends a wait for a busy server (`errors.Cancelled`); the session keeps it
+        as its `cancel_event` for its later calls (assign another one per action).
         """
         self._ensure_compatible()
-        return RemoteSession(self, volume, spacing, axis, preprocessing, fingerprint, upload_progress)
+        return RemoteSession(self, volume, spacing, axis, preprocessing, fingerprint, upload_progress, cancel)
 
     # ---- transport --------------------------------------------------------------------------------------------
     def _ensure_compatible(self) -> None:
@@ -117,8 +124,11 @@ class MedSAM2Client:
     def _translated_errors(self):
         return _TranslatedErrors(self)
 
-    def retrying_busy(self, call):
-        """`call()`, retried while the server answers busy with a Retry-After, for up to `busy_retry_s` in all."""
+    def retrying_busy(self, call, cancel=None):
+        """`call()`, retried while the server answers busy with a Retry-After, for up to `busy_retry_s` in all.
+
+        `cancel` (a `threading.Event`, or None): set from any thread, it ends the wait at once (`errors.Cancelled`);
+        a call already sent is not interrupted."""
         deadline = time.monotonic() + self.busy_retry_s
         pause = 0.5
         while True:
@@ -126,20 +136,25 @@ class MedSAM2Client:
                 return call()
             except errors.Busy as e:
                 remaining = deadline - time.monotonic()
-                if e.retry_after is None:
+                if e.retry_after is None or isinstance(e, errors.Cancelled):
                     raise
                 if remaining <= 0:
                     raise errors.Busy(f"{e} It stayed busy for {self.busy_retry_s:g} s; try again later.",
                                       e.code) from None
-                time.sleep(min(max(e.retry_after, pause) * random.uniform(1.0, 1.3), remaining))
+                wait = min(max(e.retry_after, pause) * random.uniform(1.0, 1.3), remaining)
+                if cancel is None:
+                    time.sleep(wait)
+                elif cancel.wait(wait):
+                    raise errors.Cancelled(f"{e} Waiting for room was cancelled.", e.code) from None
                 pause = min(2 * pause, 8.0)
 
-    def request(self, method: str, path: str, body=None, headers: dict | None = None) -> http.client.HTTPResponse:
+    def request(self, method: str, path: str, body=None, headers: dict | None = None,
+                cancel=None) -> http.client.HTTPResponse:
         """Send one request; a non-2xx answer raises the typed error. The caller reads (and closes) the response.
 
         A request whose body can be sent again is retried while the server is busy (see `retrying_busy`)."""
         if body is None or isinstance(body, bytes):
-            return self.retrying_busy(lambda: self._request_once(method, path, body, headers))
+            return self.retrying_busy(lambda: self._request_once(method, path, body, headers), cancel)
         return self._request_once(method, path, body, headers)
 
     def _request_once(self, method: str, path: str, body, headers: dict | None) -> http.client.HTTPResponse:
@@ -166,17 +181,18 @@ class MedSAM2Client:
             conn.close()
             raise
 
-    def request_json(self, method: str, path: str, obj=None) -> dict:
+    def request_json(self, method: str, path: str, obj=None, cancel=None) -> dict:
         body = None if obj is None else json.dumps(obj).encode()
-        response = self.request(method, path, body, {"Content-Type": "application/json"} if body else None)
+        response = self.request(method, path, body, {"Content-Type": "application/json"} if body else None,
+                                cancel)
         with self._translated_errors():
             data = response.read()
         response.close()
         return json.loads(data)
 
-    def upload_volume(self, volume: np.ndarray, fingerprint: str, progress=None) -> dict:
+    def upload_volume(self, volume: np.ndarray, fingerprint: str, progress=None, cancel=None) -> dict:
         """Send a volume the server lacks (retried while the server is busy making room for it)."""
-        return self.retrying_busy(lambda: self._upload_once(volume, fingerprint, progress))
+        return self.retrying_busy(lambda: self._upload_once(volume, fingerprint, progress), cancel)
 
     def _upload_once(self, volume, fingerprint, progress) -> dict:
         header, chunks = wire.encode_volume(volume, self.codec, fingerprint, progress)
@@ -234,16 +250,19 @@ class RemoteSession:
     """A volume on the server; the same methods as the engine's `VolumeSession`."""
 
     def __init__(self, client: MedSAM2Client, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), axis: int = 0,
-                 preprocessing: dict | None = None, fingerprint: str | None = None, upload_progress=None):
+                 preprocessing: dict | None = None, fingerprint: str | None = None, upload_progress=None,
+                 cancel=None):
         self._client = client
+        self.cancel_event = cancel  # a threading.Event ending this session's waits for a busy server (errors.Cancelled)
         try:
-            self._volume = wire.wire_array(volume)
+            volume = wire.wire_array(volume)
         except wire.WireFormatError as e:
             raise errors.BadRequest(str(e)) from None
         self.spacing = tuple(float(s) for s in spacing)
         self.axis = axis
         self._preprocessing = dict(preprocessing) if preprocessing else None
-        self.fingerprint = fingerprint or wire.fingerprint(self._volume)
+        self.fingerprint = fingerprint or wire.fingerprint(volume)
+        self._volume = client._volumes.setdefault(self.fingerprint, volume)
         self._prompts: list[dict] = []  # the prompt requests of the live objects, replayed on re-open
         self.uploads = 0  # volume uploads so far (0 when the server already had the volume)
         self.reopened = 0  # transparent re-opens after the server dropped the session
@@ -258,12 +277,12 @@ class RemoteSession:
                 "preprocessing": self._preprocessing}
         for attempt in range(3):
             try:
-                info = self._client.request_json("POST", protocol.SESSIONS, body)
+                info = self._client.request_json("POST", protocol.SESSIONS, body, self.cancel_event)
                 break
             except errors.NotFound:
                 if attempt == 2:
                     raise
-            self._client.upload_volume(self._volume, self.fingerprint, self._upload_progress)
+            self._client.upload_volume(self._volume, self.fingerprint, self._upload_progress, self.cancel_event)
             self.uploads += 1
         self.session_id = info["session_id"]
         self.num_slices = info["num_slices"]
@@ -310,7 +329,7 @@ class RemoteSession:
 
     def _send_prompt(self, body: dict) -> SliceMask:
         response = self._client.request("POST", self._path(protocol.PROMPTS), json.dumps(body).encode(),
-                                        {"Content-Type": "application/json"})
+                                        {"Content-Type": "application/json"}, self.cancel_event)
         with self._client._translated_errors():
             data = response.read()
         response.close()
@@ -330,11 +349,13 @@ class RemoteSession:
     def set_preprocessing(self, preprocessing: dict | None) -> None:
         """Change the intensity mapping (a CT preset, level/width, percentiles, resize); prompts are kept."""
         options = dict(preprocessing or {})
-        self._reopening(lambda: self._client.request_json("PUT", self._path(protocol.PREPROCESSING), options))
+        self._reopening(lambda: self._client.request_json("PUT", self._path(protocol.PREPROCESSING), options,
+                                                          self.cancel_event))
         self._preprocessing = options or None
 
     def reset_object(self, obj_id: int) -> None:
-        self._reopening(lambda: self._client.request_json("DELETE", self._path(protocol.OBJECT, obj_id=obj_id)))
+        self._reopening(lambda: self._client.request_json("DELETE", self._path(protocol.OBJECT, obj_id=obj_id),
+                                                          cancel=self.cancel_event))
         self._prompts = [b for b in self._prompts if b["obj_id"] != obj_id]
 
     def close(self) -> None:
@@ -359,7 +380,7 @@ class RemotePropagation:
         self._session = session
         self._client = session._client
         self._response = self._client.request("POST", session._path(protocol.PROPAGATE), json.dumps(body).encode(),
-                                              {"Content-Type": "application/json"})
+                                              {"Content-Type": "application/json"}, session.cancel_event)
         self._cancelled = False
         self.summary: PropagationSummary | None = None
         self.done = 0

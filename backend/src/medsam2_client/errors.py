@@ -56,6 +56,10 @@ class Busy(MedSAM2Error):
     code = "busy"
 
 
+class Cancelled(Busy):
+    """The caller cancelled while the client waited for a busy server to make room (a `Busy` that ended early)."""
+
+
 class ServerError(MedSAM2Error):
     code = "internal"
 

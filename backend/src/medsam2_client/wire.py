@@ -166,7 +166,10 @@ class VolumeDecoder:
     """Decodes an upload as its bytes arrive: header checked first, voxels written straight into the array.
 
     `admit(header)`, called after the header is checked and before the array is allocated, may raise to refuse
-    the upload (the server reserves the declared size against its memory budget there).
+    the upload (the server reserves the declared size against its memory budget there). The array starts as
+    zeros the operating system has not committed yet (calloc), and runs of zero bytes are not written: memory is
+    taken as voxel data that is not zero arrives, so a body that inflates zeros to the declared size (a zlib
+    bomb) holds its reservation, not the memory, until it is refused. Inflation runs in steps of `_CHUNK`.
     """
 
     def __init__(self, max_raw_bytes: int, admit=None):
@@ -186,23 +189,32 @@ class VolumeDecoder:
             if self.admit is not None:
                 self.admit(h)
             self.header = h
-            self._array = np.empty(h.shape, h.dtype)
+            self._array = np.zeros(h.shape, h.dtype)
             self._out = memoryview(self._array).cast("B")
             self._hash = hashlib.blake2b(_identity(_dtype_code(h.dtype), h.shape), digest_size=16)
             self._unzip = zlib.decompressobj() if h.codec == CODEC_ZLIB else None
             chunk, self._pending = self._pending[VOLUME_HEADER_SIZE:], b""
-        room = len(self._out) - self._filled
-        if self._unzip is not None:
+        if self._unzip is None:
+            self._write(chunk)
+            return
+        while chunk:
             try:
-                chunk = self._unzip.decompress(chunk, room + 1)
+                voxels = self._unzip.decompress(chunk, min(_CHUNK, len(self._out) - self._filled + 1))
             except zlib.error:
                 raise WireFormatError("The compressed volume data is corrupt.") from None
-        if len(chunk) > room:
+            chunk = self._unzip.unconsumed_tail
+            self._write(voxels)
+        if self._unzip.unused_data:
+            raise WireFormatError("The upload goes on after the end of its compressed voxel data.")
+
+    def _write(self, data: bytes) -> None:
+        if len(data) > len(self._out) - self._filled:
             raise WireFormatError(f"The upload holds more voxel data than its header declares "
                                   f"({self.header.shape}, {self.header.dtype.name}).")
-        self._out[self._filled : self._filled + len(chunk)] = chunk
-        self._hash.update(chunk)
-        self._filled += len(chunk)
+        if np.frombuffer(data, np.uint8).any():  # zeros are there already, uncommitted
+            self._out[self._filled : self._filled + len(data)] = data
+        self._hash.update(data)
+        self._filled += len(data)
 
     def finish(self) -> tuple[np.ndarray, VolumeHeader]:
         """The volume, once all its bytes arrived and its fingerprint matched."""

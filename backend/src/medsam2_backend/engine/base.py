@@ -421,6 +421,15 @@ class VolumeSession(abc.ABC):
         """Memory this session holds beyond the volume it was given (the server budgets sessions by it)."""
         return sum(m.nbytes for m in self._masks.values())
 
+    def prompt_growth_bytes(self, mask: bool = False) -> int:
+        """A bound on what one prompt adds beyond a new object's masks (an engine's tracking states); 0 here."""
+        return 0
+
+    def propagation_growth_bytes(self, passes: Sequence[Pass]) -> int:
+        """A bound, before a propagation runs `passes`, on what it adds to `working_bytes`; 0 here (the masks of
+        every object are allocated when it is created)."""
+        return 0
+
     def prompts(self, obj_id: int) -> dict[int, SlicePrompt]:
         return dict(self._objects[self._check_obj_id(obj_id)].prompts)
 

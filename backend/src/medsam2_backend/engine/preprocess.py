@@ -108,20 +108,81 @@ def validate_volume(volume) -> None:
     if volume.dtype.type not in ALLOWED_DTYPES:
         raise EngineInputError(f"Voxel type {volume.dtype} is not supported; use an integer or float type.")
     validate_shape(volume.shape)
-    if volume.dtype.kind == "f" and not np.isfinite(volume).all():
+    if volume.dtype.kind == "f" and not all(np.isfinite(slab).all() for slab in _slabs(volume)):
         raise EngineInputError("The volume contains NaN or infinite voxels; fix or mask them first.")
 
 
+def _slabs(volume: np.ndarray, voxels: int = 1 << 16):
+    """The volume in views of ~10^5 voxels (or one slice) along its first axis: temporaries stay that small."""
+    step = max(1, voxels // max(1, volume[0].size))
+    for k in range(0, volume.shape[0], step):
+        yield volume[k : k + step]
+
+
 def intensity_range(volume: np.ndarray, pre: Preprocessing) -> tuple[float, float]:
-    """The intensities mapped to 0 and 255: the CT window, or the percentiles of the non-zero voxels."""
+    """The intensities mapped to 0 and 255: the CT window, or the percentiles of the non-zero voxels.
+
+    Every session computes this (one per propagation axis), so nothing the size of the volume is copied: the
+    percentiles equal `np.percentile` of the non-zero voxels bit for bit (see `_nonzero_percentiles`)."""
     window = pre.window
     if window is not None:
         return window
-    nonzero = volume[volume != 0]
-    if nonzero.size == 0:
+    return _nonzero_percentiles(volume, pre.percentiles)
+
+
+def _nonzero_percentiles(volume: np.ndarray, percentiles) -> tuple[float, float]:
+    """`np.percentile` (linear method) of the non-zero voxels with temporaries of a slab: the order statistics it
+    interpolates between are located by a histogram of the top 16 bits of an order-preserving key, then read from
+    the (few) voxels of their histogram bins."""
+    shift = np.uint64(max(0, 8 * volume.dtype.itemsize - 16))
+
+    def nonzero_and_bins():
+        for slab in _slabs(volume):
+            values = slab[slab != 0]
+            key = _order_key(values)
+            key >>= shift
+            yield values, key.view(np.intp)  # < 2**16: the same numbers
+            del values, key  # one slab's temporaries at a time
+
+    counts = np.zeros(1 << min(16, 8 * volume.dtype.itemsize), np.int64)
+    for _, bins in nonzero_and_bins():
+        counts += np.bincount(bins, minlength=len(counts))
+    n = int(counts.sum())
+    if n == 0:
         return 0.0, 1.0
-    lo, hi = np.percentile(nonzero, pre.percentiles)
+    cumulative = np.cumsum(counts)
+    # numpy's linear method: the virtual index (n - 1) q between two order statistics, interpolated the way its
+    # `_lerp` does (from below for weights under 0.5, from above otherwise, in the voxel type's arithmetic).
+    virtual = (n - 1) * np.true_divide(np.asarray(percentiles, np.float64), 100)
+    below = np.floor(virtual).astype(np.intp)
+    ranks = np.concatenate([below, np.minimum(below + 1, n - 1)])
+    bins = np.searchsorted(cumulative, ranks, side="right")
+    wanted = np.unique(bins)
+    is_wanted = np.zeros(len(counts), bool)
+    is_wanted[wanted] = True
+    gathered = np.sort(np.concatenate([values[is_wanted[b]] for values, b in nonzero_and_bins()]))
+    # Sorted, the gathered voxels are the wanted bins one after the other.
+    first_in_gathered = np.cumsum(counts[wanted]) - counts[wanted]
+    index = first_in_gathered[np.searchsorted(wanted, bins)] + ranks - (cumulative[bins] - counts[bins])
+    a, b = np.split(gathered[index], 2)
+    weight = virtual - below
+    step = b - a
+    lo, hi = np.where(weight >= 0.5, b - step * (1 - weight), a + step * weight)
     return float(lo), float(hi)
+
+
+def _order_key(values: np.ndarray) -> np.ndarray:
+    """uint64 keys that order as `values` do (integers offset to start at 0; IEEE floats by their bits)."""
+    kind, bits = values.dtype.kind, 8 * values.dtype.itemsize
+    if kind == "u":
+        return values.astype(np.uint64)
+    if kind == "i":
+        key = values.astype(np.int64)
+        key -= np.iinfo(values.dtype).min
+        return key.view(np.uint64)
+    raw = values.view(np.uint32 if bits == 32 else np.uint64).astype(np.uint64)
+    sign, ones = np.uint64(1 << (bits - 1)), np.uint64((1 << bits) - 1)
+    return np.where(raw & sign, ~raw & ones, raw | sign)
 
 
 def to_uint8(slice_2d: np.ndarray, lo: float, hi: float) -> np.ndarray:

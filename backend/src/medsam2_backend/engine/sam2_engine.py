@@ -112,6 +112,26 @@ def _size(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+_NOT_STATE = ("images", "feature_cache")  # a tracking state's entries that are not its own memory
+
+
+def _tensor_bytes(tree) -> int:
+    """Bytes of the tensor storages in nested dicts/lists, each storage once (views share theirs)."""
+    seen, total, todo = set(), 0, [tree]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    return total
+
+
 class CachingVideoPredictor(SAM2VideoPredictor):
     """SAM-2's video predictor with a bounded multi-slice feature cache and the predicted IoU kept per output."""
 
@@ -204,6 +224,8 @@ class Sam2VolumeSession(VolumeSession):
         store = torch.bfloat16 if model.precision == "bf16" else None
         self.cache = FeatureCache(cache_budget_bytes, store)
         self._states: dict[int, dict[str, dict]] = {}
+        self._tracking: dict[int, int] = {}  # obj_id -> bytes its tracking states hold, measured
+        self._tracking_total = 0  # their sum, one int the server may read from another thread
         self._make_frames()
 
     def _make_frames(self) -> None:
@@ -222,6 +244,7 @@ class Sam2VolumeSession(VolumeSession):
 
     def _forget_object(self, obj_id: int) -> None:
         self._states.pop(obj_id, None)
+        self._measure_tracking(obj_id)
         self.cache.pin_only(self._prompted_not_encoded())
 
     def _prompted_not_encoded(self) -> set[int]:
@@ -236,9 +259,55 @@ class Sam2VolumeSession(VolumeSession):
             for p in passes:
                 self.model.predictor.propagate_in_video_preflight(self._state(p.obj_id, p.direction))
             self.cache.pin_only(self._prompted_not_encoded())
+        for obj_id in {p.obj_id for p in passes}:
+            self._measure_tracking(obj_id)
 
     def working_bytes(self) -> int:
-        return super().working_bytes() + self.cache.nbytes
+        return super().working_bytes() + self.cache.nbytes + self._tracking_total
+
+    # ---- the tracking states' memory, for the server's budget ----------------------------------------------------
+    def tracking_bytes(self) -> int:
+        """What the tracking states hold (SAM-2's memory bank, outputs, prompt inputs), measured from their tensors
+        after each prompt and pass (a view of another tensor's storage counts once); the cache is counted apart."""
+        return self._tracking_total
+
+    def _measure_tracking(self, obj_id: int) -> None:
+        states = self._states.get(obj_id)
+        if states is None:
+            self._tracking.pop(obj_id, None)
+        else:
+            self._tracking[obj_id] = _tensor_bytes(
+                [v for state in states.values() for key, v in state.items() if key not in _NOT_STATE])
+        self._tracking_total = sum(self._tracking.values())
+
+    def _slice_state_bytes(self) -> int:
+        """At most what one more tracked slice adds to a state: memory features (stored as bfloat16 by SAM-2),
+        low-resolution mask logits, object pointer and score (float32)."""
+        p = self.model.predictor
+        side = p.sam_image_embedding_size
+        return p.mem_dim * side * side * 2 + (p.image_size // 4) ** 2 * 4 + p.hidden_dim * 4 + 4
+
+    def propagation_growth_bytes(self, passes) -> int:
+        """A bound, before a propagation, on what its passes add to the tracking states: a slice state per slice a
+        state has not tracked yet, and SAM-2's one memory position encoding per state that lacks it."""
+        p = self.model.predictor
+        per_slice = self._slice_state_bytes()
+        n = 0
+        for ps in passes:
+            state = self._states.get(ps.obj_id, {}).get(ps.direction)
+            held = set()
+            if state is not None:
+                for outputs in state["output_dict_per_obj"].get(0, {}).values():
+                    held.update(outputs)
+            n += per_slice * sum(k not in held for k in ps.slices())
+            if state is None or "maskmem_pos_enc" not in state["constants"]:
+                n += p.mem_dim * p.sam_image_embedding_size ** 2 * 4
+        return n
+
+    def prompt_growth_bytes(self, mask: bool = False) -> int:
+        """A bound on what one prompt adds: a slice state on each side, and a mask prompt's model-sized input."""
+        size = self.model.predictor.image_size
+        return 2 * (self._slice_state_bytes() + (size * size * 4 if mask else 0))
 
     def close(self) -> None:
         super().close()
@@ -269,6 +338,7 @@ class Sam2VolumeSession(VolumeSession):
                 if result is None:
                     result = self._result(obj_id, slice_index, logits, frame_output(state, slice_index))
             self.cache.pin_only(self._prompted_not_encoded())
+        self._measure_tracking(obj_id)
         return result
 
     def _track(self, obj_id: int, direction: str, first: int, last: int) -> Iterator[SliceResult]:
@@ -296,6 +366,7 @@ class Sam2VolumeSession(VolumeSession):
                 yield result
         finally:
             steps.close()
+            self._measure_tracking(obj_id)
 
 
 class Sam2Engine:

@@ -252,7 +252,7 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
         with manager.use(session_id) as s:
             es = s.engine_session
             mask = _decode_mask_prompt(req.mask, es.slice_shape)
-            with manager.admit_object(s, req.obj_id):
+            with manager.admit_object(s, req.obj_id, mask is not None):
                 r = es.add_prompt(req.obj_id, req.slice_index, points=req.points, labels=req.labels, box=req.box,
                                   mask=mask, replace=req.replace)
         return Response(wire.slice_frame(r.obj_id, r.slice_index, r.mask, r.object_score, r.iou, r.stage, 1, 1),
@@ -263,9 +263,8 @@ def make_app(engine, *, token: str | None = None, max_sessions: int = protocol.D
         obj_ids = None if req.obj_ids is None else list(dict.fromkeys(req.obj_ids))  # each object once
         s = await run_in_threadpool(manager.acquire, session_id)
         try:
-            manager.grant_cache(s)
-            run = s.engine_session.propagate(obj_ids, req.direction, req.start, req.stop, req.stop_after_empty,
-                                             req.postprocess)
+            run = manager.plan_propagation(s, obj_ids, req.direction, req.start, req.stop, req.stop_after_empty,
+                                           req.postprocess)
         except BaseException:
             manager.release(s)
             raise

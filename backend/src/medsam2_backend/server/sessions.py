@@ -4,8 +4,10 @@ A session is used by one request at a time (its own lock); the engine serialises
 itself (the SAM-2 engine holds one lock for the accelerator around each slice), so concurrent sessions never
 interleave inside the model, and nothing here blocks the server's event loop on it.
 
-Memory is admitted, not discovered: an upload's declared size, a new object's masks and a propagation's feature
-cache are reserved against the budget before anything is allocated (uploads in flight count too). To make room,
+Memory is admitted, not discovered: an upload's declared size, a new object's masks, what a prompt or a
+propagation adds to the engine's tracking states (its bound, held while it runs; the engine measures what they
+hold after) and a propagation's feature cache are reserved against the budget before anything is allocated
+(uploads in flight count too). To make room,
 spare volumes go first, then idle sessions' feature caches shrink, then sessions idle for longer than the eviction
 grace period are evicted (least recently used first). A session used within the grace period is never evicted: the
 newcomer is told the server is busy and when to retry. Sessions idle for longer than the idle timeout are expired
@@ -48,6 +50,7 @@ class ManagedSession:
     last_used: float
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     run: object | None = None  # the propagation in progress, for cancel
+    growth: Reservation | None = None  # what its tracking states may add, admitted before it started
     stream: object | None = None  # its stream, for acknowledgements
     closed: bool = False
 
@@ -193,6 +196,9 @@ class SessionManager:
     def release(self, s: ManagedSession) -> None:
         s.last_used = time.monotonic()
         s.run = s.stream = None
+        if s.growth is not None:
+            s.growth.release()  # the engine counts what the states hold now
+            s.growth = None
         s.lock.release()
 
     @contextlib.contextmanager
@@ -220,17 +226,31 @@ class SessionManager:
         return s
 
     # ---- growth of a session (its lock held) -----------------------------------------------------------------------
-    def admit_object(self, s: ManagedSession, obj_id) -> contextlib.AbstractContextManager:
-        """Room for a new object's masks (the whole volume, one bool per voxel), or a sentence why not."""
+    def admit_object(self, s: ManagedSession, obj_id, mask: bool = False) -> Reservation:
+        """Room for a prompt: a new object's masks (the whole volume, one bool per voxel) and what the prompt adds
+        to the engine's tracking states, or a sentence why not. Release it once the prompt has run (the engine
+        then counts what it holds)."""
         es = s.engine_session
-        if obj_id in es.object_ids or not isinstance(obj_id, int):
-            return contextlib.nullcontext()  # the engine checks the id itself
-        if len(es.object_ids) >= self.max_objects:
+        new_object = isinstance(obj_id, int) and obj_id not in es.object_ids  # else the engine checks the id
+        if new_object and len(es.object_ids) >= self.max_objects:
             raise ApiError(protocol.TOO_LARGE, f"This session already has {self.max_objects} objects, the most "
                            f"this server keeps per session; reset an object you no longer need.")
-        nbytes = es.num_slices * math.prod(es.slice_shape)
+        masks = es.num_slices * math.prod(es.slice_shape) if new_object else 0
+        nbytes = masks + es.prompt_growth_bytes(mask)
+        what = f"another object ({_mib(masks)} of masks)" if new_object else f"a prompt ({_mib(nbytes)})"
         with self._lock:
-            return self._reserve_locked(nbytes, protect=s, what=f"another object ({_mib(nbytes)} of masks)")
+            return self._reserve_locked(nbytes, protect=s, what=what)
+
+    def plan_propagation(self, s: ManagedSession, *args):
+        """The engine's propagation plan (`VolumeSession.propagate(*args)`) once what its tracking states will add
+        is admitted (held until the session is released); then its feature cache may grow into what is free."""
+        run = s.engine_session.propagate(*args)
+        nbytes = s.engine_session.propagation_growth_bytes(run.passes)
+        with self._lock:
+            s.growth = self._reserve_locked(nbytes, protect=s, what=f"this propagation's tracking states "
+                                            f"({_mib(nbytes)} for {run.planned} slices)")
+        self.grant_cache(s)
+        return run
 
     def grant_cache(self, s: ManagedSession) -> None:
         """Before a propagation: let the session's feature cache grow into what is free, up to its share."""
