@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -81,6 +82,8 @@ class SessionController:
         # (segmentation id, segment id) -> the state the segment's engine object is in now
         self._live: dict[tuple[str, str], SegmentState] = {}
         self._fingerprints: dict[str, tuple[int, str]] = {}  # volume id -> (image MTime, fingerprint)
+        self._voxels: dict[str, tuple[str, np.ndarray]] = {}  # volume id -> (fingerprint, its one copy)
+        self._opening: threading.Event | None = None  # set by `cancel` to end an opener's wait for a busy server
         self._run = None
         # (volume id, segment id) -> the options of its last propagation (removing a prompt redoes it)
         self.last_propagation: dict[tuple[str, str], dict] = {}
@@ -245,9 +248,12 @@ class SessionController:
                       for s in segment_ids})
 
     def cancel(self) -> None:
-        """Stop the running propagation between two slices (safe to call from its progress callback)."""
+        """Stop the running propagation between two slices (safe to call from its progress callback), or end a
+        session opener's wait for a busy server."""
         if self._run is not None:
             self._run.cancel()
+        if self._opening is not None:
+            self._opening.set()
 
     def set_preprocessing(self, preprocessing) -> None:
         """Use this intensity preprocessing from the next action on (open sessions keep their prompts)."""
@@ -285,7 +291,8 @@ class SessionController:
         None when the session for the view's axis is open already; else a callable that touches no MRML (the
         voxels are copied here, on the main thread) and opens it, so that `add_prompt` then finds it open.
         `upload_progress(fraction)` is passed to a backend whose `open_session` takes it (the network client
-        does; the in-process adapter may not: checked, not assumed), and is called on the worker thread.
+        does; the in-process adapter may not: checked, not assumed), and is called on the worker thread; so is a
+        `cancel` event, which `cancel()` sets to end a wait for a busy server.
         """
         import inspect
 
@@ -298,12 +305,13 @@ class SessionController:
                 return None
             if entry is not None:
                 self._drop_session(key)
-            volume, spacing = geometry.volume_array_kji(volume_node), geometry.spacing_kji(volume_node)
+            volume, spacing = self._voxels_of(volume_node, fingerprint), geometry.spacing_kji(volume_node)
             preprocessing = volume_settings.preprocessing_for(volume_node, self.preprocessing)
-        extra = {}
-        if upload_progress is not None and "upload_progress" in inspect.signature(
-                self.backend.open_session).parameters:
+        extra, accepted = {}, inspect.signature(self.backend.open_session).parameters
+        if upload_progress is not None and "upload_progress" in accepted:
             extra["upload_progress"] = upload_progress
+        if "cancel" in accepted:
+            extra["cancel"] = self._opening = threading.Event()
 
         def open_session():
             with as_action_error("Sending the volume"):
@@ -324,7 +332,7 @@ class SessionController:
 
         for key in [k for k, state in self._live.items() if gone(state.volume_id)]:
             del self._live[key]
-        for table in (self._fingerprints, self.last_propagation):
+        for table in (self._fingerprints, self._voxels, self.last_propagation):
             for key in [k for k in table if gone(k if isinstance(k, str) else k[0])]:
                 del table[key]
         sessions = [self._sessions.pop(key) for key in [k for k in self._sessions if gone(k[0])]]
@@ -352,6 +360,16 @@ class SessionController:
         digest = wire.fingerprint(slicer.util.arrayFromVolume(volume_node))
         self._fingerprints[volume_node.GetID()] = (mtime, digest)
         return digest
+
+    def _voxels_of(self, volume_node, fingerprint: str) -> np.ndarray:
+        """One read-only copy of a volume's voxels for all its sessions (one per propagation axis), taken again only
+        when the voxels change: a backend keeps the array it is given, and a CT is hundreds of MB."""
+        kept = self._voxels.get(volume_node.GetID())
+        if kept is None or kept[0] != fingerprint:
+            voxels = geometry.volume_array_kji(volume_node)
+            voxels.flags.writeable = False
+            kept = self._voxels[volume_node.GetID()] = (fingerprint, voxels)
+        return kept[1]
 
     def _prompt(self, volume_node, target, segment_id: str, axis: int, call: PromptCall, record: RasPrompt,
                 write: bool = True):
@@ -495,7 +513,7 @@ class SessionController:
             entry = None
         preprocessing = volume_settings.preprocessing_for(volume_node, self.preprocessing)  # its own, else ours
         if entry is None:
-            session = self.backend.open_session(geometry.volume_array_kji(volume_node),
+            session = self.backend.open_session(self._voxels_of(volume_node, fingerprint),
                                                 geometry.spacing_kji(volume_node), axis, preprocessing,
                                                 fingerprint=fingerprint)
             entry = self._sessions[key] = _OpenSession(fingerprint, axis, session, preprocessing)

@@ -1,6 +1,7 @@
 """The session controller: session reuse, preprocessing, one object per segment, errors, cancel, exact voxels."""
 
 import logging
+import threading
 import types
 
 import numpy as np
@@ -581,3 +582,56 @@ def test_a_3d_roi_under_a_transform_on_an_oblique_volume_lands_on_the_voxels_it_
     block = [slice(4, 9), slice(10, 19), slice(12, 31)]
     expected[tuple(np.roll(block, axis))] = True
     assert np.array_equal(_segment(segmentation, a, volume) > 0, expected)
+
+
+def test_a_volume_is_copied_once_for_all_its_axes_and_again_only_when_its_voxels_change(mrml):
+    backend = RecordingBackend()
+    kept = []
+    original = backend.open_session
+
+    def keeping(volume_kji, *args, **kwargs):
+        kept.append(volume_kji)
+        return original(volume_kji, *args, **kwargs)
+
+    backend.open_session = keeping
+    volume, segmentation, target, controller = _setup(mrml, backend)
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
+    controller.add_prompt(volume, target, a, points_ras=[[16.0, 15.0, 10.0]], labels=[1],
+                          slice_to_ras=geometry.view_slice_to_ras("sagittal"))  # another axis: another session
+    assert [o[2] for o in backend.opened] == [0, 2] and kept[0] is kept[1] and not kept[0].flags.writeable
+    voxels = slicer.util.arrayFromVolume(volume)
+    voxels[0, 0, 0] += 1
+    slicer.util.arrayFromVolumeModified(volume)
+    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
+    assert kept[2] is not kept[0] and kept[2][0, 0, 0] == voxels[0, 0, 0]  # the changed voxels, copied anew
+
+
+def test_cancel_ends_an_openers_wait_for_a_busy_server(mrml):
+    from medsam2_client import errors
+
+    waiting = threading.Event()
+
+    class BusyBackend(RecordingBackend):
+        def open_session(self, volume_kji, spacing_kji, axis, preprocessing, fingerprint=None, cancel=None):
+            waiting.set()
+            assert cancel.wait(10)  # what the client's busy retry does with it
+            raise errors.Cancelled("The server is busy (8 users are active). Waiting for room was cancelled.")
+
+    volume, segmentation, target, controller = _setup(mrml, BusyBackend())
+    opener = controller.session_opener(volume)
+    failures = []
+
+    def run():
+        try:
+            opener()
+        except MedSAM2ActionError as error:
+            failures.append(str(error))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert waiting.wait(10)
+    controller.cancel()  # the effect's Cancel, on the main thread
+    worker.join(10)
+    assert failures == ["Sending the volume failed: The server is busy (8 users are active). Waiting for room was "
+                        "cancelled."]
