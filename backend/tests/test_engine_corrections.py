@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medsam2_backend.engine import Preprocessing
+from medsam2_backend.engine.model import load_model
 from medsam2_backend.engine.sam2_engine import Sam2Engine
 from synthetic_volumes import blob_volume
 
@@ -96,3 +97,28 @@ def test_postprocessing_never_changes_a_prompted_or_corrected_slice(sam2_model, 
     results = list(s.propagate(postprocess=("largest_component", "fill_holes")))
     assert not any(r.stage == "postprocess" and r.slice_index in (4, 6) for r in results)
     np.testing.assert_array_equal(s.object_mask(1)[6], fix.mask)
+
+
+def test_replaying_the_calls_with_their_propagations_on_the_same_session_gives_the_same_masks():
+    """What an exact Undo replay relies on: the object reset, then the same add_prompt and propagate calls in order,
+    on the same session (its cache now warm), give every mask bit for bit. In bf16, where a cached slice once came
+    back cast and so gave another mask than its first encoding."""
+    s = Sam2Engine(load_model(random_weights=True, seed=0, precision="bf16")).open_session(
+        blob_volume((5, 48, 64)), preprocessing=PRE)
+
+    def history():
+        s.add_prompt(1, 1, box=BOX)
+        first = {r.slice_index: r.logits for r in s.propagate(direction="forward")}
+        fix = s.add_prompt(1, 3, points=FIX_POINTS, labels=FIX_LABELS)
+        again = {r.slice_index: r.logits for r in s.propagate(direction="forward")}
+        return first, fix.logits, again, s.object_mask(1).copy()
+
+    (first, fix, again, mask) = history()
+    s.reset_object(1)
+    (first_r, fix_r, again_r, mask_r) = history()
+    for ours, theirs in ((first_r, first), (again_r, again)):
+        assert sorted(ours) == sorted(theirs)
+        for k in theirs:
+            np.testing.assert_array_equal(ours[k], theirs[k])
+    np.testing.assert_array_equal(fix_r, fix)
+    np.testing.assert_array_equal(mask_r, mask)

@@ -73,14 +73,20 @@ def test_feature_cache_eviction_is_least_recently_used():
     assert c.get(1) is None and c.get(0) is not None and c.get(3) is not None and c.nbytes == 1200
 
 
-def test_bf16_stores_half_precision_features_and_gives_close_masks(volume):
+def test_bf16_cache_hit_gives_the_mask_a_fresh_encoding_gives_and_close_to_fp32(volume):
+    """Object 1 encodes the slice, object 2 (same prompt) reads it from the cache: the same mask, bit for bit (a
+    cache that cast the encoder's fp32 level to bf16 made masks depend on what was still cached)."""
     fp32, bf16 = load_model(random_weights=True, seed=0), load_model(random_weights=True, seed=0, precision="bf16")
     results = {}
     for name, model in (("fp32", fp32), ("bf16", bf16)):
         s = Sam2Engine(model).open_session(volume, preprocessing=PRE)
         results[name] = s.add_prompt(1, 0, box=[10, 8, 40, 30]).logits
-        dtypes = {f.dtype for f in s.cache._entries[0]}
-        assert dtypes == ({torch.bfloat16} if name == "bf16" else {torch.float32})
+        misses = s.cache.misses
+        np.testing.assert_array_equal(s.add_prompt(2, 0, box=[10, 8, 40, 30]).logits, results[name])
+        assert s.cache.misses == misses, "the second object must read the slice from the cache"
+        dtypes = [f.dtype for f in s.cache._entries[0]]
+        # under bf16 autocast the encoder gives its high-resolution levels in bf16: kept so, half the memory
+        assert dtypes == ([torch.bfloat16, torch.bfloat16, torch.float32] if name == "bf16" else [torch.float32] * 3)
     assert np.abs(results["fp32"] - results["bf16"]).max() < 0.25
 
 

@@ -31,11 +31,13 @@ class FeatureCache:
     Position encodings are the same for every slice, so one copy is kept for all. Whatever the budget, the slice
     encoded last is kept (every object of a propagation needs it in turn), and so are the `pinned` slices: prompted
     slices whose memory SAM-2 encodes only when the next propagation starts, from the same features.
+    Features are kept in the dtypes the encoder gave them (under bf16 autocast the two high-resolution levels are
+    bf16, the lowest stays fp32), never cast: a hit then gives exactly the features an encoding gives, so a mask
+    never depends on whether its slice was still cached (another object's pass, a re-propagation, a replay).
     """
 
-    def __init__(self, budget_bytes: int, store_dtype: torch.dtype | None = None):
+    def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
-        self.store_dtype = store_dtype
         self._entries: collections.OrderedDict[int, list[torch.Tensor]] = collections.OrderedDict()
         self._entry_bytes = 0
         self._last: tuple[int, list[torch.Tensor]] | None = None
@@ -61,8 +63,6 @@ class FeatureCache:
 
     def put(self, k: int, backbone_out: dict) -> None:
         fpn = list(backbone_out["backbone_fpn"])
-        if self.store_dtype is not None:
-            fpn = [f.to(self.store_dtype) for f in fpn]
         if self._pos_enc is None:
             self._pos_enc = list(backbone_out["vision_pos_enc"])
         self._last = (k, fpn)
@@ -221,8 +221,7 @@ class Sam2VolumeSession(VolumeSession):
         super().__init__(volume, spacing, axis, preprocessing)
         self.model = model
         self.lock = lock or threading.RLock()  # the accelerator's lock, shared by all sessions of one server
-        store = torch.bfloat16 if model.precision == "bf16" else None
-        self.cache = FeatureCache(cache_budget_bytes, store)
+        self.cache = FeatureCache(cache_budget_bytes)
         self._states: dict[int, dict[str, dict]] = {}
         self._tracking: dict[int, int] = {}  # obj_id -> bytes its tracking states hold, measured
         self._tracking_total = 0  # their sum, one int the server may read from another thread
