@@ -76,20 +76,22 @@ def _read_dicom_folder(folder: pathlib.Path, series_uid: str | None) -> tuple[si
     try:
         return reader.Execute(), series[uid], notes
     except RuntimeError as e:
-        raise CaseInputError(f"DICOM series {uid} in {folder} could not be read ({_first_line(e)}).") from None
+        raise CaseInputError(f"DICOM series {uid} in {folder} could not be read ({first_line(e)}).") from None
 
 
-def _check_nrrd_header(path: pathlib.Path) -> None:
-    """A NRRD without space fields has no place in the patient; ITK would silently assume an identity grid."""
+def read_nrrd_header(path: pathlib.Path) -> dict:
+    """A NRRD's header, checked: without space fields it has no place in the patient (ITK would silently assume
+    an identity grid)."""
     import nrrd
 
     try:
         header = nrrd.read_header(str(path))
     except (nrrd.NRRDError, OSError, UnicodeDecodeError, ValueError) as e:
-        raise CaseInputError(f"{path} is not a readable NRRD file ({_first_line(e)}).") from None
+        raise CaseInputError(f"{path} is not a readable NRRD file ({first_line(e)}).") from None
     if "space directions" not in header or not ("space" in header or "space origin" in header):
         raise CaseInputError(f"{path} has no space fields (space, space directions, space origin), so where its "
                              "voxels lie in the patient is unknown; add them (Slicer writes them) and retry.")
+    return header
 
 
 def read_itk(path: str | pathlib.Path, series_uid: str | None = None) -> tuple[sitk.Image, list[str] | None,
@@ -103,24 +105,24 @@ def read_itk(path: str | pathlib.Path, series_uid: str | None = None) -> tuple[s
     if path.stat().st_size == 0:
         raise CaseInputError(f"{path} is an empty file.")
     if path.name.lower().endswith(NRRD_SUFFIXES):
-        _check_nrrd_header(path)
+        read_nrrd_header(path)
     try:
         return sitk.ReadImage(str(path)), None, []
     except RuntimeError as e:
-        raise CaseInputError(f"{path} could not be read as a medical image ({_first_line(e)}).") from None
+        raise CaseInputError(f"{path} could not be read as a medical image ({first_line(e)}).") from None
 
 
 def read_image(path: str | pathlib.Path, series_uid: str | None = None) -> Image:
     """A 3D scalar image ready for segmentation."""
     itk, files, notes = read_itk(path, series_uid)
-    _check_3d_scalar(itk, path, "image")
+    check_3d_scalar(itk, path, "image")
     array = sitk.GetArrayFromImage(itk)
     if not np.issubdtype(array.dtype, np.number) or array.dtype == np.complex64:
         raise CaseInputError(f"{path} has voxels of type {array.dtype}; use an integer or float image.")
     return Image(array, itk, str(path), files, notes)
 
 
-def _check_3d_scalar(itk: sitk.Image, path, what: str) -> None:
+def check_3d_scalar(itk: sitk.Image, path, what: str) -> None:
     size = itk.GetSize()
     if itk.GetDimension() != 3:
         raise CaseInputError(f"The {what} {path} is {itk.GetDimension()}D {tuple(size)}; a 3D volume is needed.")
@@ -131,35 +133,7 @@ def _check_3d_scalar(itk: sitk.Image, path, what: str) -> None:
         raise CaseInputError(f"The {what} {path} has a single slice {tuple(size)}; a 3D volume is needed.")
 
 
-def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
-
-
-def label_on_image_grid(labels: sitk.Image, image: Image, source: str) -> np.ndarray:
-    """A label map's values on the image's grid (K,J,I), resampled with nearest neighbour when its grid differs.
-
-    A label map that does not overlap the image, or whose labels all fall outside it, cannot be used.
-    """
-    _check_3d_scalar(labels, source, "label map")
-    if labels.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        values = sitk.GetArrayViewFromImage(labels)
-        if not np.array_equal(values, np.round(values)):
-            raise CaseInputError(f"The label map {source} has fractional values; threshold it to whole labels first.")
-        labels = sitk.Cast(labels, sitk.sitkInt32)
-    if same_grid(labels, image.itk):
-        return sitk.GetArrayFromImage(labels)
-    original = sitk.GetArrayViewFromImage(labels)
-    resampled = sitk.GetArrayFromImage(sitk.Resample(labels, image.itk, sitk.Transform(), sitk.sitkNearestNeighbor,
-                                                     0, labels.GetPixelID()))
-    if original.any() and not resampled.any():
-        raise CaseInputError(f"The label map {source} lies outside the image {image.source}: no label voxel falls "
-                             "on the image's grid, so it cannot be resampled onto it.")
-    return resampled
-
-
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     text = lines[-1] if lines else type(error).__name__
     return text[:200].rstrip(".")

@@ -178,44 +178,67 @@ def _object_prompt(obj: dict, coordinates: str, label: int, name: str, ijk_to_ra
 
 
 # ---- prompts from ground truth -------------------------------------------------------------------------------------
-def prompts_from_labels(labels_kji: np.ndarray, axis: int, *, names: dict[int, str] | None = None,
-                        colors: dict[int, list[float]] | None = None, values: list[int] | None = None,
+@dataclasses.dataclass
+class LabelTruth:
+    """One ground-truth structure on the image's grid: the value `--label-values` selects it by (and its label in
+    the outputs), its name and colour, and its voxels (bool K,J,I). A label map has one per non-zero value; a Slicer
+    segmentation one per segment, which may overlap others."""
+
+    value: int
+    name: str
+    mask: np.ndarray = dataclasses.field(repr=False)
+    color: list[float] | None = None
+
+
+def label_truths(labels_kji: np.ndarray) -> list[LabelTruth]:
+    """One truth per non-zero value of a label map (K,J,I), named "label V"."""
+    return [LabelTruth(int(v), f"label {int(v)}", labels_kji == v) for v in np.unique(labels_kji) if v != 0]
+
+
+def prompts_from_labels(truths: list[LabelTruth], axis: int, *, values: list[int] | None = None,
                         per_component: bool = False, jitter_px: float = 0.0, seed: int = 0,
                         source: str = "the label map") -> list[ObjectPrompt]:
-    """MedSAM2's evaluation protocol: per label value (or per 26-connected component), the label's bounding box on
-    the slice where its area is largest, propagated both ways over the whole volume.
+    """MedSAM2's evaluation protocol: per truth (or per 26-connected component of it), its bounding box on the
+    slice where its area is largest, propagated both ways over the whole volume.
 
+    `values` selects truths by value (default: every truth with voxels on the image's grid); a value that is not
+    there, or whose structure has no voxel on the image's grid, is an error.
     Jitter: each of x0, y0, x1, y1 moves by an independent uniform random integer in [-jitter_px, jitter_px]
     (numpy's default_rng(seed), drawn in object order), clipped to the slice. A box one pixel wide or high gets
     half a pixel on each side so it has an area.
     """
-    present = [int(v) for v in np.unique(labels_kji) if v != 0]
-    if values is None:
-        values = present
-    missing = [v for v in values if v not in present]
+    if jitter_px < 0:
+        raise CaseInputError(f"The box jitter must be 0 or more pixels, not {jitter_px:g}.")
+    by_value = {t.value: t for t in truths}
+    present = [t.value for t in truths if t.mask.any()]
+    listing = ", ".join(str(t.value) if t.name == f"label {t.value}" else f"{t.value} ({t.name})"
+                        for t in truths if t.mask.any()) or "no labels"
+    values = present if values is None else list(dict.fromkeys(values))
+    missing = [v for v in values if v not in by_value]
     if missing:
         raise CaseInputError(f"Label value(s) {', '.join(map(str, missing))} are not in {source} (it has "
-                             f"{', '.join(map(str, present)) or 'no labels'}).")
+                             f"{listing}).")
+    empty = [v for v in values if v not in present]
+    if empty:
+        raise CaseInputError(f"Label value(s) {', '.join(f'{v} ({by_value[v].name})' for v in empty)} of {source} "
+                             "have no voxel on the image's grid.")
     if not values:
         raise CaseInputError(f"{source} has no labels (all voxels are 0) on the image's grid.")
-    names, colors = names or {}, colors or {}
     rng = np.random.default_rng(seed)
     objects, next_label = [], 1
     for value in values:
-        mask = labels_kji == value
-        parts = [mask]
+        truth = by_value[value]
+        parts = [truth.mask]
         if per_component:
-            components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+            components, count = ndimage.label(truth.mask, structure=np.ones((3, 3, 3)))
             parts = [components == c for c in range(1, count + 1)]
         for n, part in enumerate(parts, 1):
-            name = names.get(value, f"label {value}")
+            name, label = truth.name, value
             if per_component:
                 name, label = f"{name} {n}", next_label
-            else:
-                label = value
             next_label += 1
             step = _largest_slice_box(part, axis, jitter_px, rng)
-            objects.append(ObjectPrompt(label, name, axis, [step], 0, part.shape[axis] - 1, colors.get(value),
+            objects.append(ObjectPrompt(label, name, axis, [step], 0, part.shape[axis] - 1, truth.color,
                                         truth=part))
     return objects
 
