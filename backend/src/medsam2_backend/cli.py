@@ -160,6 +160,11 @@ def _segment(args) -> int:
 
     spec = _model_spec(args)
     options = _options(args)
+    label_only = [option for option, name in (("--label-values", "label_values"), ("--per-component",
+                  "per_component"), ("--box-jitter", "box_jitter"), ("--seed", "seed")) if getattr(args, name, None)]
+    if label_only and not getattr(args, "from_labels", None):
+        return _fail(f"{', '.join(label_only)} {'apply' if len(label_only) > 1 else 'applies'} only with "
+                     "--from-labels.")
     plan = plan_case(args.volume, prompts_path=getattr(args, "prompts", None),
                      labels_path=getattr(args, "from_labels", None), slice_index=args.slice, box=args.box,
                      options=options)
@@ -192,10 +197,11 @@ def _batch(args) -> int:
     from .batch.cohort import read_manifest, run_cohort
 
     spec = _model_spec(args)
+    options = _options(args)
     if args.workers < 1 or args.threads < 1:
         return _fail("--workers and --threads must be at least 1.")
     cases = read_manifest(args.manifest)
-    summary = run_cohort(cases, pathlib.Path(args.out), _options(args), spec, workers=args.workers,
+    summary = run_cohort(cases, pathlib.Path(args.out), options, spec, workers=args.workers,
                          threads=args.threads, ray_address=args.ray_address, use_ray=not args.no_ray,
                          progress=sys.stderr.isatty())
     print(f"{summary['ok']} done, {summary['skipped']} skipped (already done), {len(summary['failed'])} failed "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -36,6 +37,15 @@ class CaseOptions:
     series_uid: str | None = None
     preset: str | None = None
     postprocess: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        """Values no case can use are refused here, before any file is read or a model loads."""
+        for option, value in (("--box-margin-mm", self.box_margin_mm), ("--box-jitter", self.box_jitter_px),
+                              ("--nsd-tolerance-mm", self.nsd_tolerance_mm)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise CaseInputError(f"{option} must be a number of 0 or more, not {value}.")
+        if self.seed < 0:
+            raise CaseInputError(f"--seed must be 0 or more, not {self.seed}.")
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -7,14 +7,19 @@ with a file is found here, before a model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import pathlib
+import sys
+import tempfile
 
 import numpy as np
 import SimpleITK as sitk
 
 from medsam2_client import geometry
 
+from . import nifti
 from .errors import CaseInputError
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -28,6 +33,7 @@ class Image:
     itk: sitk.Image
     source: str
     dicom_files: list[str] | None = None  # the series' files in slice (K) order, for a DICOM input
+    nifti_header: tuple[bytes, str] | None = None  # a NIfTI-1 input's header and byte order (its transforms)
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -73,10 +79,12 @@ def _read_dicom_folder(folder: pathlib.Path, series_uid: str | None) -> tuple[si
                          "(choose another with --series).")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(series[uid])
-    try:
-        return reader.Execute(), series[uid], notes
-    except RuntimeError as e:
-        raise CaseInputError(f"DICOM series {uid} in {folder} could not be read ({first_line(e)}).") from None
+    with c_stderr_held() as held:
+        try:
+            return reader.Execute(), series[uid], notes
+        except RuntimeError as e:
+            error = e
+    raise CaseInputError(f"DICOM series {uid} in {folder} could not be read ({first_line(error, held)}).")
 
 
 def read_nrrd_header(path: pathlib.Path) -> dict:
@@ -106,10 +114,14 @@ def read_itk(path: str | pathlib.Path, series_uid: str | None = None) -> tuple[s
         raise CaseInputError(f"{path} is an empty file.")
     if path.name.lower().endswith(NRRD_SUFFIXES):
         read_nrrd_header(path)
-    try:
-        return sitk.ReadImage(str(path)), None, []
-    except RuntimeError as e:
-        raise CaseInputError(f"{path} could not be read as a medical image ({first_line(e)}).") from None
+    if nifti.is_nifti(path):
+        nifti.check_complete(path)
+    with c_stderr_held() as held:
+        try:
+            return sitk.ReadImage(str(path)), None, []
+        except RuntimeError as e:
+            error = e
+    raise CaseInputError(f"{path} could not be read as a medical image ({first_line(error, held)}).")
 
 
 def read_image(path: str | pathlib.Path, series_uid: str | None = None) -> Image:
@@ -119,7 +131,14 @@ def read_image(path: str | pathlib.Path, series_uid: str | None = None) -> Image
     array = sitk.GetArrayFromImage(itk)
     if not np.issubdtype(array.dtype, np.number) or array.dtype == np.complex64:
         raise CaseInputError(f"{path} has voxels of type {array.dtype}; use an integer or float image.")
-    return Image(array, itk, str(path), files, notes)
+    image = Image(array, itk, str(path), dicom_files=files, notes=notes)
+    if nifti.is_nifti(pathlib.Path(path)):
+        image.nifti_header = nifti.read_header(pathlib.Path(path))
+        chosen = image.nifti_header and nifti.transform_choice(*image.nifti_header, image.ijk_to_lps)
+        if chosen:
+            notes.append(f"{path} has a qform and an sform that place its voxels differently; the outputs follow "
+                         f"the {chosen}, as ITK and Slicer read it, and the NIfTI label map keeps both.")
+    return image
 
 
 def check_3d_scalar(itk: sitk.Image, path, what: str) -> None:
@@ -133,7 +152,35 @@ def check_3d_scalar(itk: sitk.Image, path, what: str) -> None:
         raise CaseInputError(f"The {what} {path} has a single slice {tuple(size)}; a 3D volume is needed.")
 
 
-def first_line(error: Exception) -> str:
+class _Held:
+    text = ""
+
+
+@contextlib.contextmanager
+def c_stderr_held():
+    """Hold what C++ readers print straight to the process's stderr (MetaIO, GDCM, ITK warnings): a user sees one
+    sentence, and that text becomes its reason when the read fails. Python's own sys.stderr is untouched."""
+    held = _Held()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            held.text = tmp.read().decode("utf-8", "replace")
+
+
+def first_line(error: Exception, held: _Held | None = None) -> str:
+    """The line that says why: ITK's last message line, or what a C++ reader printed when ITK's says only
+    "No such file or directory" (MetaIO's way of reporting missing voxels)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    printed = [line.strip() for line in (held.text if held else "").splitlines()
+               if line.strip() and not line.strip().startswith("WARNING:")]
     text = lines[-1] if lines else type(error).__name__
+    if printed and (not lines or "No such file or directory" in text):
+        text = " ".join(printed[:2])
     return text[:200].rstrip(".")

@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import SimpleITK as sitk
 
+from . import nifti
 from .images import Image
 
 # Slicer's generic anatomy colours cycle for objects without a colour of their own.
@@ -50,6 +51,8 @@ def write_label_image(path: pathlib.Path, image: Image, labels_kji: np.ndarray) 
     itk = sitk.GetImageFromArray(labels_kji)
     itk.CopyInformation(image.itk)
     sitk.WriteImage(itk, str(path), useCompression=True)
+    if image.nifti_header is not None:  # the input's own qform and sform, so every tool overlays the two alike
+        nifti.copy_transforms(image.nifti_header, path)
 
 
 def write_dicom_seg(path: pathlib.Path, image: Image, objects: list, masks: list[np.ndarray],

@@ -207,8 +207,6 @@ def prompts_from_labels(truths: list[LabelTruth], axis: int, *, values: list[int
     (numpy's default_rng(seed), drawn in object order), clipped to the slice. A box one pixel wide or high gets
     half a pixel on each side so it has an area.
     """
-    if jitter_px < 0:
-        raise CaseInputError(f"The box jitter must be 0 or more pixels, not {jitter_px:g}.")
     by_value = {t.value: t for t in truths}
     present = [t.value for t in truths if t.mask.any()]
     listing = ", ".join(str(t.value) if t.name == f"label {t.value}" else f"{t.value} ({t.name})"

@@ -1,0 +1,112 @@
+"""Inputs ITK accepts too readily, and options no case can use: each one sentence and exit code 2 before a model
+loads; NIfTI files whose qform and sform disagree give outputs that every tool overlays on the input."""
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medsam2_backend.cli import main
+from test_batch_formats import make_image, no_model, pyramid_label  # noqa: F401 - a fixture
+
+
+def one_sentence(capsys, words):
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def write_nifti(path, shape=(10, 14, 16)):
+    sitk.WriteImage(make_image(shape, np.eye(3)), str(path))
+    return path
+
+
+@pytest.mark.parametrize("name, cut, words", [
+    ("half.nii.gz", lambda data: data[: len(data) // 2], "damaged or truncated"),
+    ("header_only.nii.gz", lambda data: data[:300], "damaged or truncated"),
+    ("short.nii", lambda data: gzip.decompress(data)[:-100], "is truncated: it holds 4732 bytes, its header "
+                                                             "announces 4832"),
+])
+def test_truncated_nifti_is_refused_not_filled(tmp_path, capsys, no_model, name, cut, words):  # noqa: F811
+    """ITK reads a cut NIfTI without an error, filling the missing voxels with whatever memory held."""
+    full = write_nifti(tmp_path / "full.nii.gz").read_bytes()
+    (tmp_path / name).write_bytes(cut(full))
+    assert main(["segment", str(tmp_path / name), "--random-weights"]) == 2
+    one_sentence(capsys, words)
+
+
+def test_truncated_metaimage_is_one_line_even_on_the_c_stderr(tmp_path):
+    """MetaIO prints its reason to the C stderr and ITK's exception says 'No such file or directory'; the user
+    sees one line, with MetaIO's reason in it."""
+    sitk.WriteImage(make_image((6, 8, 8), np.eye(3)), str(tmp_path / "v.mha"))
+    data = (tmp_path / "v.mha").read_bytes()
+    (tmp_path / "v.mha").write_bytes(data[:-150])
+    run = subprocess.run([sys.executable, "-m", "medsam2_backend.cli", "segment", str(tmp_path / "v.mha"),
+                          "--random-weights"], capture_output=True, text=True, encoding="utf-8")
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and "data not read completely" in run.stderr, run.stderr
+    assert "No such file" not in run.stderr
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--box-jitter", "-2"], "--box-jitter must be a number of 0 or more"),
+    (["--nsd-tolerance-mm", "-1"], "--nsd-tolerance-mm must be a number of 0 or more"),
+    (["--box-margin-mm", "nan"], "--box-margin-mm must be a number of 0 or more"),
+    (["--seed", "-1"], "--seed must be 0 or more"),
+])
+def test_option_values_no_case_can_use(tmp_path, capsys, no_model, extra, words):  # noqa: F811
+    image = write_nifti(tmp_path / "img.nii.gz")
+    labels = sitk.GetImageFromArray(pyramid_label((10, 14, 16), 0)[0])
+    labels.CopyInformation(sitk.ReadImage(str(image)))
+    sitk.WriteImage(labels, str(tmp_path / "lab.nii.gz"))
+    assert main(["segment", str(image), "--from-labels", str(tmp_path / "lab.nii.gz"), "--random-weights",
+                 *extra]) == 2
+    one_sentence(capsys, words)
+    assert main(["batch", str(tmp_path / "none.csv"), "--random-weights", *extra]) == 2
+    one_sentence(capsys, words)
+
+
+def test_label_options_without_labels_are_refused(tmp_path, capsys, no_model):  # noqa: F811
+    image = write_nifti(tmp_path / "img.nii.gz")
+    assert main(["segment", str(image), "--random-weights", "--label-values", "3", "--per-component"]) == 2
+    one_sentence(capsys, "--label-values, --per-component apply only with --from-labels")
+
+
+def set_transforms(path, srow_ras, qform_code, sform_code):
+    """Rewrite a NIfTI-1 file's sform rows and transform codes (the qform stays as SimpleITK wrote it)."""
+    data = bytearray(path.read_bytes())
+    for offset, row in zip((280, 296, 312), srow_ras):
+        data[offset:offset + 16] = struct.pack("<4f", *row)
+    data[252:256] = struct.pack("<2h", qform_code, sform_code)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("codes, followed", [((1, 1), "sform"), ((1, 2), "qform")])
+def test_nifti_qform_and_sform_that_disagree(tmp_path, capsys, codes, followed):
+    """ITK (and Slicer) follow one of the two transforms by ITK's rule; the note names it, the outputs follow it, and
+    the label map carries the input's own qform and sform so tools that prefer the other one overlay it too."""
+    path = tmp_path / "img.nii"
+    sitk.WriteImage(make_image((6, 10, 12), np.eye(3), spacing_ijk=(1.0, 2.0, 3.0), origin=(10.0, 20.0, 30.0)),
+                    str(path))
+    set_transforms(path, [(0, -2, 0, -50), (-1, 0, 0, -60), (0, 0, 3, 70)], *codes)  # I and J swapped, moved
+    reference = sitk.ReadImage(str(path))
+    expected_origin = (50.0, 60.0, 70.0) if followed == "sform" else (10.0, 20.0, 30.0)
+    np.testing.assert_allclose(reference.GetOrigin(), expected_origin, atol=1e-4)
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "--test-engine", "-o", str(out), "--axis", "k", "--slice", "3",
+                 "--box", "2", "3", "6", "7"]) == 0
+    assert f"the outputs follow the {followed}" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert any(followed in note for note in report["notes"])
+    written = sitk.ReadImage(report["outputs"]["label_map"])
+    for a, b in ((written.GetOrigin(), reference.GetOrigin()), (written.GetSpacing(), reference.GetSpacing()),
+                 (written.GetDirection(), reference.GetDirection())):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    header_in, header_out = path.read_bytes()[:348], gzip.decompress(open(report["outputs"]["label_map"], "rb").read())
+    assert header_out[252:328] == header_in[252:328] and header_out[76:92] == header_in[76:92]
+    mask = sitk.GetArrayFromImage(written)
+    assert mask[3, 3:8, 2:7].all() and mask.sum() == 25 + 2 * 9 + 2 * 1
