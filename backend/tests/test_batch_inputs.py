@@ -110,3 +110,73 @@ def test_nifti_qform_and_sform_that_disagree(tmp_path, capsys, codes, followed):
     assert header_out[252:328] == header_in[252:328] and header_out[76:92] == header_in[76:92]
     mask = sitk.GetArrayFromImage(written)
     assert mask[3, 3:8, 2:7].all() and mask.sum() == 25 + 2 * 9 + 2 * 1
+
+
+FLIPPED_ANISOTROPIC = np.diag([1.0, -1.0, 1.0]) @ np.array([[0, 0, 1.0], [1, 0, 0], [0, 1, 0]])  # K runs L-R
+
+
+@pytest.mark.parametrize("axis", ["i", "j", "k"])
+def test_prompts_in_lps_ras_and_voxels_on_each_axis(tmp_path, axis):
+    """One 3D box and one point given three ways land on the same, hand-computed voxels along each axis, on a
+    flipped, permuted grid with anisotropic voxels."""
+    shape = (12, 14, 16)  # K, J, I
+    image = make_image(shape, FLIPPED_ANISOTROPIC, spacing_ijk=(0.7, 1.1, 2.0))
+    sitk.WriteImage(image, str(tmp_path / "img.nrrd"))
+    a = "kji".index(axis)  # K,J,I array axis
+    lo, hi = [3, 4, 2], [9, 10, 8]  # I, J, K corners
+    lo[2 - a], hi[2 - a] = 4, 8  # the box spans slices 4..8 along the axis: key slice 6
+
+    def lps(ijk):
+        return list(image.TransformContinuousIndexToPhysicalPoint([float(v) for v in ijk]))
+
+    ras = [[-x, -y, z] for x, y, z in (lps(lo), lps(hi))]
+    point_ijk = [5, 6, 4]
+    objects = [{"name": "voxel", "coordinates": "voxel", "box": [lo, hi]},
+               {"name": "lps", "coordinates": "LPS", "box": [lps(lo), lps(hi)]},
+               {"name": "ras", "coordinates": "RAS", "box": ras},
+               {"name": "point lps", "coordinates": "LPS", "points": [lps(point_ijk)], "labels": [1]},
+               {"name": "point voxel", "coordinates": "voxel", "points": [point_ijk], "labels": [1]}]
+    (tmp_path / "p.json").write_text(json.dumps({"objects": objects}))
+    assert main(["segment", str(tmp_path / "img.nrrd"), "--prompts", str(tmp_path / "p.json"), "--axis", axis,
+                 "-o", str(tmp_path / "out"), "--test-engine", "--box-margin-mm", "0"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    objs = {o["name"]: o for o in report["objects"]}
+    x_index, y_index = sorted(n for n in (0, 1, 2) if n != 2 - a)  # slice pixels: x = lower index, y = higher
+    box = [lo[x_index], lo[y_index], hi[x_index], hi[y_index]]
+    expected = np.zeros(shape, bool)
+    for k in range(4, 9):
+        d = abs(k - 6)
+        plane = np.zeros([n for m, n in enumerate(shape) if m != a], bool)
+        plane[box[1] + d:box[3] - d + 1, box[0] + d:box[2] - d + 1] = True
+        np.moveaxis(expected, a, 0)[k] = plane
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(report["outputs"]["label_map"]))
+    for name in ("voxel", "lps", "ras"):
+        assert objs[name]["axis"] == axis and objs[name]["propagation"] == [4, 8]
+        assert objs[name]["steps"] == [{"slice_index": 6, "box": pytest.approx(box)}]
+    assert objs["point lps"]["steps"] == objs["point voxel"]["steps"]
+    assert objs["point voxel"]["steps"][0]["slice_index"] == point_ijk[2 - a]
+    assert objs["point voxel"]["steps"][0]["points"] == [[point_ijk[x_index], point_ijk[y_index]]]
+    import slicerio
+
+    seg = slicerio.read_segmentation(report["outputs"]["seg_nrrd"])
+    for name in ("voxel", "lps", "ras"):
+        np.testing.assert_array_equal(np.transpose(slicerio.segment_mask(seg, name)), expected)
+    assert labels.shape == shape
+
+
+def test_a_3d_box_partly_outside_is_clipped_and_one_wholly_outside_is_refused(tmp_path, capsys):
+    shape = (10, 14, 16)
+    sitk.WriteImage(make_image(shape, np.eye(3)), str(tmp_path / "img.nrrd"))
+    partly = {"coordinates": "voxel", "objects": [{"name": "edge", "box": [[-6, 3, 5], [9, 30, 20]]}]}
+    (tmp_path / "partly.json").write_text(json.dumps(partly))
+    assert main(["segment", str(tmp_path / "img.nrrd"), "--prompts", str(tmp_path / "partly.json"),
+                 "-o", str(tmp_path / "out"), "--test-engine", "--box-margin-mm", "0"]) == 0
+    (obj,) = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))["objects"]
+    # Slices 5..20 of 0..9: the centre (12.5) is clipped to the last slice; the box to the slice's pixels.
+    assert obj["propagation"] == [5, 9] and obj["steps"] == [{"slice_index": 9, "box": [0, 3, 9, 13]}]
+    capsys.readouterr()
+    outside = {"coordinates": "voxel", "objects": [{"name": "far", "box": [[2, 3, 12], [9, 10, 20]]}]}
+    (tmp_path / "outside.json").write_text(json.dumps(outside))
+    assert main(["segment", str(tmp_path / "img.nrrd"), "--prompts", str(tmp_path / "outside.json"),
+                 "--random-weights"]) == 2
+    one_sentence(capsys, "The box lies outside the image")

@@ -37,6 +37,7 @@ from .errors import CaseInputError
 AXIS_NAMES = ("i", "j", "k")
 DEFAULT_BOX_MARGIN_MM = 10.0
 COORDINATES = ("RAS", "LPS", "voxel")
+PIXEL_DECIMALS = 6  # slice pixels as used and reported: voxel indices survive the trip through world coordinates
 
 
 def parse_axis(value, ijk_to_ras: np.ndarray) -> int:
@@ -147,7 +148,7 @@ def _object_prompt(obj: dict, coordinates: str, label: int, name: str, ijk_to_ra
         if len(corners) != 2:
             raise CaseInputError("a box is two opposite corners.")
         plan = geometry.box_prompt_from_corners(corners, ijk_to_ras, axis, shape_kji, margin_mm)
-        x0, y0, x1, y1 = (float(v) for v in plan.box)
+        x0, y0, x1, y1 = (round(float(v), PIXEL_DECIMALS) for v in plan.box)
         if x1 <= x0 or y1 <= y0:
             raise CaseInputError("the box has no width or height on its key slice.")
         steps.append(SliceStep(plan.slice_index, box=[x0, y0, x1, y1]))
@@ -166,7 +167,7 @@ def _object_prompt(obj: dict, coordinates: str, label: int, name: str, ijk_to_ra
             if step is None:
                 step = SliceStep(slice_index)
                 steps.append(step)
-            step.points = xy.tolist()
+            step.points = np.round(xy, PIXEL_DECIMALS).tolist()
             step.labels = [int(v) for v, c in zip(point_labels, chosen) if c]
         if not first <= min(s.slice_index for s in steps) <= max(s.slice_index for s in steps) <= last:
             raise CaseInputError("its points lie outside its 3D box's slices.")
