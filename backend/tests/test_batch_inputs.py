@@ -180,3 +180,21 @@ def test_a_3d_box_partly_outside_is_clipped_and_one_wholly_outside_is_refused(tm
     assert main(["segment", str(tmp_path / "img.nrrd"), "--prompts", str(tmp_path / "outside.json"),
                  "--random-weights"]) == 2
     one_sentence(capsys, "The box lies outside the image")
+
+
+def test_every_option_with_a_default_says_it_and_every_command_has_an_example(capsys):
+    import argparse
+
+    from medsam2_backend.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for command, p in sub.choices.items():
+        for action in p._actions:
+            if action.help in (None, argparse.SUPPRESS) or action.option_strings in ([], ["-h", "--help"]):
+                continue
+            if action.default not in (None, False) or action.dest in ("box", "slice", "axis", "preset"):
+                assert "default" in action.help, (command, action.option_strings)
+        assert "-o" in p._option_string_actions and "example" in (p.epilog or ""), command
+        assert f"medsam2-segment {command}" in p.epilog
+    assert "example" in parser.epilog
