@@ -198,3 +198,36 @@ def test_every_option_with_a_default_says_it_and_every_command_has_an_example(ca
         assert "-o" in p._option_string_actions and "example" in (p.epilog or ""), command
         assert f"medsam2-segment {command}" in p.epilog
     assert "example" in parser.epilog
+
+
+def test_bad_output_folder_dicom_slice_and_series_option(tmp_path, capsys, no_model):  # noqa: F811
+    import pydicom.data
+
+    image = write_nifti(tmp_path / "img.nii.gz")
+    (tmp_path / "a_file").write_text("")
+    for extra, words in ((["-o", str(tmp_path / "a_file")], "is a file; give a folder"),
+                         (["-o", str(tmp_path / "a_file" / "sub")], "cannot be made"),
+                         (["--series", "1.2.3"], "is not a folder")):
+        assert main(["segment", str(image), "--random-weights", *extra]) == 2
+        one_sentence(capsys, words)
+    (tmp_path / "m.csv").write_text("image,labels\nimg.nii.gz,img.nii.gz\n")
+    assert main(["batch", str(tmp_path / "m.csv"), "--random-weights", "-o", str(tmp_path / "a_file")]) == 2
+    one_sentence(capsys, "is a file; give a folder")
+    assert main(["segment", pydicom.data.get_testdata_file("CT_small.dcm"), "--random-weights"]) == 2
+    one_sentence(capsys, "is one DICOM slice; give the folder that holds its whole series")
+
+
+def test_nan_voxels_are_read_as_the_lowest_value_with_a_note(tmp_path, capsys):
+    array = np.linspace(-5, 50, 8 * 10 * 12, dtype=np.float32).reshape(8, 10, 12)
+    array[0, :3, :3] = np.nan
+    array[7, 0, 0] = np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "nan.mha"))
+    from medsam2_backend.batch.images import read_image
+
+    image = read_image(tmp_path / "nan.mha")
+    lowest = array[0, 0, 3]
+    assert np.isfinite(image.array).all() and image.array[0, 0, 0] == lowest and image.array[7, 0, 0] == lowest
+    assert "10 voxels are NaN or infinite" in image.notes[0]
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 5, 6), np.nan, np.float32)), str(tmp_path / "all.mha"))
+    assert main(["segment", str(tmp_path / "all.mha"), "--random-weights"]) == 2
+    one_sentence(capsys, "has no voxel with a finite value")

@@ -164,6 +164,20 @@ def _model_spec(args):
                      device=args.device, precision=args.precision)
 
 
+def _output_folder(out) -> pathlib.Path:
+    """The output folder, made now: one that cannot be written is found before the model loads."""
+    from .batch.errors import CaseInputError
+
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise CaseInputError(f"The output folder {path} is a file; give a folder (-o).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CaseInputError(f"The output folder {path} cannot be made ({e.strerror or e}).") from None
+    return path
+
+
 def _segment(args) -> int:
     from .batch.case import plan_case, run_case
 
@@ -174,11 +188,14 @@ def _segment(args) -> int:
     if label_only and not getattr(args, "from_labels", None):
         return _fail(f"{', '.join(label_only)} {'apply' if len(label_only) > 1 else 'applies'} only with "
                      "--from-labels.")
+    if getattr(args, "series", None) and not pathlib.Path(args.volume).is_dir():
+        return _fail(f"--series chooses a series in a DICOM folder; {args.volume} is not a folder.")
     plan = plan_case(args.volume, prompts_path=getattr(args, "prompts", None),
                      labels_path=getattr(args, "from_labels", None), slice_index=args.slice, box=args.box,
                      options=options)
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
+    _output_folder(args.out)
     engine = spec.build()
     planned = sum(o.last - o.first + 1 for o in plan.objects)
     done = [0]
@@ -210,6 +227,7 @@ def _batch(args) -> int:
     if args.workers < 1 or args.threads < 1:
         return _fail("--workers and --threads must be at least 1.")
     cases = read_manifest(args.manifest)
+    _output_folder(args.out)
     summary = run_cohort(cases, pathlib.Path(args.out), options, spec, workers=args.workers,
                          threads=args.threads, ray_address=args.ray_address, use_ray=not args.no_ray,
                          progress=sys.stderr.isatty())

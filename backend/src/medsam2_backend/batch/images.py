@@ -127,10 +127,20 @@ def read_itk(path: str | pathlib.Path, series_uid: str | None = None) -> tuple[s
 def read_image(path: str | pathlib.Path, series_uid: str | None = None) -> Image:
     """A 3D scalar image ready for segmentation."""
     itk, files, notes = read_itk(path, series_uid)
+    if pathlib.Path(path).is_file() and itk.HasMetaDataKey("0020|000e") and min(itk.GetSize()) < 2:
+        raise CaseInputError(f"{path} is one DICOM slice; give the folder that holds its whole series.")
     check_3d_scalar(itk, path, "image")
     array = sitk.GetArrayFromImage(itk)
-    if not np.issubdtype(array.dtype, np.number) or array.dtype == np.complex64:
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise CaseInputError(f"{path} has voxels of type {array.dtype}; use an integer or float image.")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        finite = np.isfinite(array)
+        if not finite.any():
+            raise CaseInputError(f"{path} has no voxel with a finite value (all NaN or infinite).")
+        lowest = array[finite].min()
+        notes.append(f"{path}: {int((~finite).sum())} voxels are NaN or infinite; they are read as the image's "
+                     f"lowest value, {lowest:g}.")
+        array[~finite] = lowest
     image = Image(array, itk, str(path), dicom_files=files, notes=notes)
     if nifti.is_nifti(pathlib.Path(path)):
         image.nifti_header = nifti.read_header(pathlib.Path(path))
