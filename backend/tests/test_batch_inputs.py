@@ -231,3 +231,38 @@ def test_nan_voxels_are_read_as_the_lowest_value_with_a_note(tmp_path, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 5, 6), np.nan, np.float32)), str(tmp_path / "all.mha"))
     assert main(["segment", str(tmp_path / "all.mha"), "--random-weights"]) == 2
     one_sentence(capsys, "has no voxel with a finite value")
+
+
+def test_eight_corners_of_a_world_aligned_box_on_an_oblique_grid(tmp_path):
+    """Two corners bound a box on the voxel grid; a box aligned with the world's axes on an oblique image is given
+    by its eight corners, and their bounding box on the voxel grid (computed here with ITK) is what is prompted."""
+    from itertools import product
+
+    from test_batch_formats import GRIDS
+
+    shape = (12, 20, 24)
+    image = make_image(shape, GRIDS["oblique"], spacing_ijk=(1.0, 1.0, 2.0))
+    sitk.WriteImage(image, str(tmp_path / "img.mha"))
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint((11.0, 9.0, 5.0)))
+    corners_lps = [centre + np.array(signs) * [4.0, 3.0, 4.5] for signs in product((-1, 1), repeat=3)]
+    ijk = np.array([image.TransformPhysicalPointToContinuousIndex(c.tolist()) for c in corners_lps])
+    low, high = ijk.min(axis=0), ijk.max(axis=0)
+    two = ijk[[0, 7]]  # the two "opposite" world corners alone span less of the voxel grid
+    assert (two.max(axis=0) - two.min(axis=0) < high - low - 0.5).any()
+    ras = [[-x, -y, z] for x, y, z in corners_lps]
+    (tmp_path / "p.json").write_text(json.dumps({"objects": [{"name": "world box", "box": ras}]}))
+    assert main(["segment", str(tmp_path / "img.mha"), "--prompts", str(tmp_path / "p.json"),
+                 "-o", str(tmp_path / "out"), "--test-engine", "--box-margin-mm", "0"]) == 0
+    (obj,) = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))["objects"]
+    assert obj["axis"] == "k" and obj["steps"][0]["slice_index"] == 5
+    assert obj["steps"][0]["box"] == pytest.approx([low[0], low[1], high[0], high[1]], abs=1e-5)
+    assert obj["propagation"] == [int(np.floor(low[2] + 0.5)), int(np.floor(high[2] + 0.5))]
+
+
+def test_a_3d_nrrd_stored_with_one_time_point_is_a_volume(tmp_path):
+    four = sitk.JoinSeries([make_image((6, 8, 10), np.eye(3))])
+    assert four.GetDimension() == 4 and four.GetSize()[3] == 1
+    sitk.WriteImage(four, str(tmp_path / "t1.nrrd"))
+    assert main(["segment", str(tmp_path / "t1.nrrd"), "--test-engine", "-o", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert report["image"]["size_ijk"] == [10, 8, 6]

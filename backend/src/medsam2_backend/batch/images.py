@@ -118,7 +118,10 @@ def read_itk(path: str | pathlib.Path, series_uid: str | None = None) -> tuple[s
         nifti.check_complete(path)
     with c_stderr_held() as held:
         try:
-            return sitk.ReadImage(str(path)), None, []
+            itk = sitk.ReadImage(str(path))
+            if itk.GetDimension() == 4 and itk.GetSize()[3] == 1:  # a 3D volume stored as one time point
+                itk = itk[:, :, :, 0]
+            return itk, None, []
         except RuntimeError as e:
             error = e
     raise CaseInputError(f"{path} could not be read as a medical image ({first_line(error, held)}).")

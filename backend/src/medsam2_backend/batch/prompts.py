@@ -14,11 +14,15 @@ Prompts file (JSON):
         "label": 1,                             # optional value in the label map output (default: 1, 2, ...)
         "color": [1.0, 0.5, 0.0],               # optional, 0..1
         "axis": "k",                            # optional: i, j, k or axial, sagittal, coronal
-        "box": [[x, y, z], [x, y, z]],          # optional: two opposite corners; on different slices = a 3D box
+        "box": [[x, y, z], [x, y, z]],          # optional: two opposite corners (or all 8); on different
+                                                #   slices = a 3D box
         "points": [[x, y, z]], "labels": [1]}   # optional: 1 positive, 0 negative; each on its nearest slice
      ]}
 A 3D box (corners on different slices, e.g. a RECIST lesion box) gives the key slice (its centre), the 2D box on it,
-and limits propagation to the box's slices plus a margin in mm. Every check here runs before a model is loaded.
+and limits propagation to the box's slices plus a margin in mm. Two corners bound the box on the image's voxel grid
+(the voxels between their indices, whichever coordinates name them); for a box aligned otherwise, e.g. with the
+world's axes on an oblique image, give its eight corners: their bounding box on the voxel grid is used. A box partly
+outside the image is clipped to it. Every check here runs before a model is loaded.
 """
 
 from __future__ import annotations
@@ -145,8 +149,8 @@ def _object_prompt(obj: dict, coordinates: str, label: int, name: str, ijk_to_ra
     steps, first, last = [], 0, shape_kji[axis] - 1
     if "box" in obj:
         corners = _to_ras(obj["box"], coordinates, ijk_to_ras, "box corners")
-        if len(corners) != 2:
-            raise CaseInputError("a box is two opposite corners.")
+        if len(corners) not in (2, 8):
+            raise CaseInputError("a box is two opposite corners, or all eight corners of a box.")
         plan = geometry.box_prompt_from_corners(corners, ijk_to_ras, axis, shape_kji, margin_mm)
         x0, y0, x1, y1 = (round(float(v), PIXEL_DECIMALS) for v in plan.box)
         if x1 <= x0 or y1 <= y0:
