@@ -127,3 +127,52 @@ def test_a_segment_outside_the_image_is_left_out_with_a_note(tmp_path, capsys):
     expected = expected_test_engine_mask(t, True, 0)[0]
     assert report["objects"][0]["voxels"] == expected.sum()
     assert report["objects"][0]["metrics"]["dice"] == pytest.approx(2 * (expected & t).sum() / (expected.sum() + t.sum()))
+
+
+def test_overlapping_segmentation_on_an_oblique_coarser_grid_is_resampled_nearest_neighbour(tmp_path):
+    """Segments on their own oblique grid with 2x voxels: each lands where nearest-neighbour lookup through the
+    two grids' matrices (computed here with numpy, not ITK) puts it."""
+    from test_batch_formats import GRIDS, make_image
+
+    shape = (12, 16, 18)  # the image, K,J,I
+    image = make_image(shape, GRIDS["flipped"], spacing_ijk=(1.0, 1.2, 2.0))
+    sitk.WriteImage(image, str(tmp_path / "img.nrrd"))
+    image_to_lps = np.eye(4)
+    image_to_lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * image.GetSpacing()
+    image_to_lps[:3, 3] = image.GetOrigin()
+    seg_to_lps = np.eye(4)
+    seg_to_lps[:3, :3] = GRIDS["oblique"] * [2.1, 2.3, 3.9]
+    centre = (image_to_lps @ [8.6, 7.7, 5.9, 1])[:3]  # near the image's centre (I, J, K), off its voxel centres
+    seg_to_lps[:3, 3] = centre - seg_to_lps[:3, :3] @ [6, 6, 4]
+    seg = slicerio.create_segmentation((12, 12, 8), seg_to_lps)
+    a = np.zeros((12, 12, 8), bool)
+    a[2:8, 3:9, 2:6] = True
+    b = np.zeros_like(a)
+    b[5:10, 5:11, 3:7] = True
+    slicerio.add_segment(seg, a, {"id": "a", "name": "a"})
+    slicerio.add_segment(seg, b, {"id": "b", "name": "b"})
+    slicerio.write_segmentation(str(tmp_path / "s.seg.nrrd"), seg)
+    # By hand: every image voxel centre, into the segmentation's voxels, rounded.
+    k, j, i = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    centres = image_to_lps @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    seg_ijk = (np.linalg.inv(seg_to_lps) @ centres)[:3]
+    assert (np.abs(seg_ijk - np.round(seg_ijk)) < 0.5 - 1e-6).all(), "no voxel centre on a tie"
+    index = np.floor(seg_ijk + 0.5).astype(int)
+    inside = ((index >= 0) & (index < np.array([12, 12, 8])[:, None])).all(axis=0)
+    truths = {}
+    for name, mask in (("a", a), ("b", b)):
+        values = np.zeros(i.size, bool)
+        values[inside] = mask[tuple(index[:, inside])]
+        truths[name] = values.reshape(shape)
+        assert truths[name].sum() > 50
+    assert (truths["a"] & truths["b"]).any()
+    assert main(["segment", str(tmp_path / "img.nrrd"), "--from-labels", str(tmp_path / "s.seg.nrrd"),
+                 "-o", str(tmp_path / "out"), "--test-engine"]) == 0
+    report, _, out_seg = read_outputs(tmp_path / "out", image)
+    masks = segment_masks(out_seg)
+    for obj in report["objects"]:
+        expected, key = expected_test_engine_mask(truths[obj["name"]], True, 0)
+        assert obj["steps"][0]["slice_index"] == key
+        np.testing.assert_array_equal(masks[obj["name"]][0], expected)
+        t = truths[obj["name"]]
+        assert obj["metrics"]["dice"] == pytest.approx(2 * (expected & t).sum() / (expected.sum() + t.sum()))
