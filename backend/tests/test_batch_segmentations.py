@@ -126,7 +126,8 @@ def test_a_segment_outside_the_image_is_left_out_with_a_note(tmp_path, capsys):
     t = np.transpose(slicerio.segment_mask(truth, "left lung"))
     expected = expected_test_engine_mask(t, True, 0)[0]
     assert report["objects"][0]["voxels"] == expected.sum()
-    assert report["objects"][0]["metrics"]["dice"] == pytest.approx(2 * (expected & t).sum() / (expected.sum() + t.sum()))
+    dice = 2 * (expected & t).sum() / (expected.sum() + t.sum())
+    assert report["objects"][0]["metrics"]["dice"] == pytest.approx(dice)
 
 
 def test_overlapping_segmentation_on_an_oblique_coarser_grid_is_resampled_nearest_neighbour(tmp_path):
