@@ -125,6 +125,19 @@ def test_bad_manifest_is_one_sentence(tmp_path, capsys):
     assert "repeated" in capsys.readouterr().err
 
 
+def test_spreadsheet_manifest_with_a_bom_and_capitals_from_another_folder(tmp_path, monkeypatch):
+    """Excel writes "\ufeffID,Image,Labels"; the paths stay relative to the manifest, not to where we run."""
+    (tmp_path / "data").mkdir()
+    synthetic_case(tmp_path / "data", "mr")
+    (tmp_path / "cohort.csv").write_text("\ufeffID,Image, Labels\r\nmr1,data/mr.nii.gz,data/mr_labels.nii.gz\r\n",
+                                         encoding="utf-8")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["batch", "../cohort.csv", "-o", "out", "--test-engine", "--no-ray"]) == 0
+    (row_1, row_2) = read_summary(tmp_path / "run" / "out")
+    assert (row_1["id"], row_1["status"], row_2["status"]) == ("mr1", "ok", "ok")
+
+
 def test_one_gpu_per_worker_where_the_cluster_has_gpus():
     import ray
 
@@ -148,23 +161,34 @@ def free_port():
 
 
 def test_ray_address_runs_on_an_existing_cluster(cohort_folder, tmp_path):
+    """The cluster was started in another folder: relative manifest, case and output paths still mean the
+    driver's (the workers run wherever `ray start` ran).
+
+    Head and driver are processes of their own that opt out of Ray's token auth together: the token lives in one
+    file per user (~/.ray), which other Ray clusters of this user replace, and a process keeps the auth mode it
+    first saw, so this test's own process stays as the other tests have it."""
     port = free_port()
     ray_cli = pathlib.Path(sys.executable).parent / "ray"
+    (tmp_path / "elsewhere").mkdir()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
                              "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                            env=env, cwd=tmp_path / "elsewhere")
     try:
         out = tmp_path / "out"
-        for _ in range(60):  # the head is up when a client can connect
-            code = main(["batch", str(cohort_folder), "-o", str(out), "--test-engine", "--workers", "1",
-                         "--ray-address", f"127.0.0.1:{port}"]) if head.poll() is None else None
-            if code == 0:
+        for _ in range(30):  # the head is up when a client can connect
+            run = subprocess.run([sys.executable, "-m", "medsam2_backend.cli", "batch", cohort_folder.name,
+                                  "-o", "out", "--test-engine", "--workers", "1", "--ray-address",
+                                  f"127.0.0.1:{port}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                 encoding="utf-8") if head.poll() is None else None
+            if run is not None and run.returncode == 0:
                 break
             time.sleep(1)
-        assert code == 0
+        assert run is not None and run.returncode == 0, run and run.stderr[-2000:]
         summary = json.loads((out / "cohort_summary.json").read_text(encoding="utf-8"))
-        assert summary["ok"] == 3 and len(summary["failed"]) == 1
+        assert summary["ok"] == 3 and len(summary["failed"]) == 1, summary["failed"]
+        assert (out / "chest" / "report.json").exists() and not (tmp_path / "elsewhere" / "out").exists()
     finally:
         head.send_signal(signal.SIGTERM)
         head.wait(timeout=60)

@@ -369,14 +369,6 @@ def test_bad_prompts_and_labels_are_one_sentence_before_the_model(tmp_path, caps
         assert words in err and "Traceback" not in err and err.count("\n") == 1, (extra, err)
 
 
-def test_overlapping_seg_nrrd_asks_for_a_label_map(capsys, no_model):
-    ct = slicerio.get_testdata_file("CTChest4.nrrd")
-    overlapping = slicerio.get_testdata_file("SegmentationOverlapping.seg.nrrd")
-    assert main(["segment", ct, "--from-labels", overlapping, "--random-weights"]) == 2
-    err = capsys.readouterr().err
-    assert "overlapping segments in several layers" in err and err.count("\n") == 1
-
-
 def test_no_model_named_says_which_options(tmp_path, capsys):
     write(tmp_path / "img.nrrd", make_image((6, 10, 12), np.eye(3)))
     assert main(["segment", str(tmp_path / "img.nrrd")]) == 2

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medsam2_backend.batch.errors import CaseInputError
-from medsam2_backend.batch.prompts import load_prompts, parse_axis, prompts_from_labels
+from medsam2_backend.batch.prompts import LabelTruth, label_truths, load_prompts, parse_axis, prompts_from_labels
 
 GRID = np.diag([-1.0, -1.0, 2.0, 1.0])  # RAS: I runs right-to-left, K superior with 2 mm slices
 SHAPE = (10, 20, 30)  # K, J, I
@@ -47,11 +47,11 @@ def test_label_boxes_with_jitter_are_reproducible_and_bounded():
     labels = np.zeros(SHAPE, np.uint8)
     labels[3:6, 5:12, 8:20] = 4
     labels[4, 4:13, 8:20] = 4  # slice 4 has the largest area
-    (plain,) = prompts_from_labels(labels, 0)
+    (plain,) = prompts_from_labels(label_truths(labels), 0)
     assert plain.steps[0].slice_index == 4 and plain.steps[0].box == [8, 4, 19, 12]
-    a = prompts_from_labels(labels, 0, jitter_px=2, seed=7)[0].steps[0].box
-    b = prompts_from_labels(labels, 0, jitter_px=2, seed=7)[0].steps[0].box
-    c = prompts_from_labels(labels, 0, jitter_px=2, seed=8)[0].steps[0].box
+    a = prompts_from_labels(label_truths(labels), 0, jitter_px=2, seed=7)[0].steps[0].box
+    b = prompts_from_labels(label_truths(labels), 0, jitter_px=2, seed=7)[0].steps[0].box
+    c = prompts_from_labels(label_truths(labels), 0, jitter_px=2, seed=8)[0].steps[0].box
     assert a == b and a != c
     assert all(abs(x - y) <= 2 for x, y in zip(a, plain.steps[0].box))
 
@@ -60,8 +60,8 @@ def test_components_are_objects_of_their_own_and_unknown_values_are_errors():
     labels = np.zeros(SHAPE, np.uint8)
     labels[1:3, 2:5, 2:5] = 1
     labels[6:9, 10:15, 20:25] = 1
-    objs = prompts_from_labels(labels, 0, names={1: "node"}, per_component=True)
+    objs = prompts_from_labels([LabelTruth(1, "node", labels == 1)], 0, per_component=True)
     assert [(o.label, o.name) for o in objs] == [(1, "node 1"), (2, "node 2")]
     assert objs[0].truth.sum() == 18 and objs[1].truth.sum() == 75
     with pytest.raises(CaseInputError, match=r"Label value\(s\) 3 are not in the label map \(it has 1\)"):
-        prompts_from_labels(labels, 0, values=[3])
+        prompts_from_labels(label_truths(labels), 0, values=[3])

@@ -39,6 +39,11 @@ BATCH_EXAMPLE = """manifest (CSV, paths relative to its folder):
 example:
   medsam2-segment batch cohort.csv -o results --checkpoint MedSAM2_latest.pt --workers 2 --threads 1
 """
+TOP_EXAMPLE = """examples (medsam2-segment COMMAND --help for each command's options and defaults):
+  medsam2-segment segment ct.nii.gz --from-labels truth.nii.gz -o out --checkpoint MedSAM2_latest
+  medsam2-segment batch cohort.csv -o results --checkpoint MedSAM2_latest --workers 2
+  medsam2-segment demo -o out/demo
+"""
 DEMO_EXAMPLE = """example:
   medsam2-segment demo -o out/demo
 """
@@ -64,7 +69,8 @@ def _case_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--box-margin-mm", type=float, default=DEFAULT_BOX_MARGIN_MM,
                    help="a 3D box limits propagation to its slices plus this margin (default: %(default)s mm)")
     p.add_argument("--label-values", type=int, nargs="+", metavar="V",
-                   help="with labels: segment only these values (default: every non-zero value)")
+                   help="with labels: segment only these values; for a .seg.nrrd, segment numbers in file order, "
+                        "1 for the first (default: every non-zero value or segment)")
     p.add_argument("--per-component", action="store_true",
                    help="with labels: one object per connected component of each value")
     p.add_argument("--box-jitter", type=float, default=0.0, metavar="PX",
@@ -81,7 +87,7 @@ def _case_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medsam2-segment", description=__doc__,
+    parser = argparse.ArgumentParser(prog="medsam2-segment", description=__doc__, epilog=TOP_EXAMPLE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
@@ -93,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     what = seg.add_mutually_exclusive_group()
     what.add_argument("--prompts", help="prompts file (JSON; schema in the README and `batch.prompts`)")
     what.add_argument("--from-labels", metavar="LABELS",
-                      help="ground-truth label map: a box per label on its largest slice, then metrics")
+                      help="ground truth, a label map or a Slicer .seg.nrrd (overlapping segments too): a box per "
+                           "label or segment on its largest slice, then metrics")
     seg.add_argument("--slice", type=int, help="with --box: the prompted slice (default: the middle one)")
-    seg.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box in slice pixels")
+    seg.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                     help="box in slice pixels (default: the middle 40%% of the slice, a pipeline check)")
     _case_options(seg)
     batch = sub.add_parser("batch", help="segment a cohort from a manifest, on Ray", formatter_class=fmt,
                            description="Segment every case of a manifest CSV (columns image, prompts or labels, "
@@ -114,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Segment slicerio's CTChest4 sample from a box on its middle slice.")
     demo.add_argument("-o", "--out", default="out", help="output folder (default: %(default)s)")
     demo.add_argument("--slice", type=int, help="prompted slice (default: the middle one)")
-    demo.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box in slice pixels")
+    demo.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                      help="box in slice pixels (default: the middle 40%% of the slice)")
     demo.add_argument("--axis", help="i, j or k (default: the axis closest to superior-inferior)")
     demo.add_argument("--preset", choices=sorted(CT_PRESETS), help="CT window (default: soft_tissue)")
     demo.add_argument("--largest-component", action="store_true", help="keep the largest 3D component")
@@ -155,16 +164,38 @@ def _model_spec(args):
                      device=args.device, precision=args.precision)
 
 
+def _output_folder(out) -> pathlib.Path:
+    """The output folder, made now: one that cannot be written is found before the model loads."""
+    from .batch.errors import CaseInputError
+
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise CaseInputError(f"The output folder {path} is a file; give a folder (-o).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CaseInputError(f"The output folder {path} cannot be made ({e.strerror or e}).") from None
+    return path
+
+
 def _segment(args) -> int:
     from .batch.case import plan_case, run_case
 
     spec = _model_spec(args)
     options = _options(args)
+    label_only = [option for option, name in (("--label-values", "label_values"), ("--per-component",
+                  "per_component"), ("--box-jitter", "box_jitter"), ("--seed", "seed")) if getattr(args, name, None)]
+    if label_only and not getattr(args, "from_labels", None):
+        return _fail(f"{', '.join(label_only)} {'apply' if len(label_only) > 1 else 'applies'} only with "
+                     "--from-labels.")
+    if getattr(args, "series", None) and not pathlib.Path(args.volume).is_dir():
+        return _fail(f"--series chooses a series in a DICOM folder; {args.volume} is not a folder.")
     plan = plan_case(args.volume, prompts_path=getattr(args, "prompts", None),
                      labels_path=getattr(args, "from_labels", None), slice_index=args.slice, box=args.box,
                      options=options)
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
+    _output_folder(args.out)
     engine = spec.build()
     planned = sum(o.last - o.first + 1 for o in plan.objects)
     done = [0]
@@ -192,10 +223,12 @@ def _batch(args) -> int:
     from .batch.cohort import read_manifest, run_cohort
 
     spec = _model_spec(args)
+    options = _options(args)
     if args.workers < 1 or args.threads < 1:
         return _fail("--workers and --threads must be at least 1.")
     cases = read_manifest(args.manifest)
-    summary = run_cohort(cases, pathlib.Path(args.out), _options(args), spec, workers=args.workers,
+    _output_folder(args.out)
+    summary = run_cohort(cases, pathlib.Path(args.out), options, spec, workers=args.workers,
                          threads=args.threads, ray_address=args.ray_address, use_ray=not args.no_ray,
                          progress=sys.stderr.isatty())
     print(f"{summary['ok']} done, {summary['skipped']} skipped (already done), {len(summary['failed'])} failed "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -15,7 +16,7 @@ import time
 import numpy as np
 
 from ..engine import DiskEngine, EngineInputError, Preprocessing
-from . import images, outputs, prompts
+from . import images, labels, outputs, prompts
 from .errors import CaseInputError
 from .metrics import DEFAULT_NSD_TOLERANCE_MM, segmentation_metrics
 
@@ -36,6 +37,15 @@ class CaseOptions:
     series_uid: str | None = None
     preset: str | None = None
     postprocess: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        """Values no case can use are refused here, before any file is read or a model loads."""
+        for option, value in (("--box-margin-mm", self.box_margin_mm), ("--box-jitter", self.box_jitter_px),
+                              ("--nsd-tolerance-mm", self.nsd_tolerance_mm)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise CaseInputError(f"{option} must be a number of 0 or more, not {value}.")
+        if self.seed < 0:
+            raise CaseInputError(f"--seed must be 0 or more, not {self.seed}.")
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -62,13 +72,14 @@ def plan_case(image_path, *, prompts_path=None, labels_path=None, slice_index: i
     ijk_to_ras, shape = image.ijk_to_ras, image.shape_kji
     axis = prompts.parse_axis(options.axis, ijk_to_ras)
     inputs = {"image": str(image_path)}
+    notes = list(image.notes)
     if prompts_path is not None:
         inputs["prompts"] = str(prompts_path)
         objects = prompts.load_prompts(prompts_path, ijk_to_ras, shape, axis=options.axis,
                                        margin_mm=options.box_margin_mm)
     elif labels_path is not None:
         inputs["labels"] = str(labels_path)
-        objects = _objects_from_label_file(labels_path, image, axis, options)
+        objects = _objects_from_label_file(labels_path, image, axis, options, notes)
     else:
         h, w = (n for a, n in enumerate(shape) if a != axis)
         k = shape[axis] // 2 if slice_index is None else slice_index
@@ -78,25 +89,16 @@ def plan_case(image_path, *, prompts_path=None, labels_path=None, slice_index: i
         b = [w * 0.3, h * 0.3, w * 0.7, h * 0.7] if box is None else [float(v) for v in box]
         objects = [prompts.ObjectPrompt(1, "MedSAM2", axis, [prompts.SliceStep(k, box=b)], 0, shape[axis] - 1)]
     _dry_run(image, objects)
-    return CasePlan(image, objects, inputs, list(image.notes), time.perf_counter() - t0)
+    return CasePlan(image, objects, inputs, notes, time.perf_counter() - t0)
 
 
-def _objects_from_label_file(path, image: images.Image, axis: int, options: CaseOptions):
-    itk, _, _ = images.read_itk(path)
-    names, colors = {}, {}
-    if str(path).lower().endswith(".seg.nrrd"):
-        import slicerio
-
-        segments = slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]
-        if any(s.get("layer", 0) for s in segments):
-            raise CaseInputError(f"{path} has overlapping segments in several layers; export it as a label map "
-                                 "(one value per voxel) first.")
-        names = {int(s["labelValue"]): s["name"] for s in segments}
-        colors = {int(s["labelValue"]): list(s["color"]) for s in segments if "color" in s}
-    labels = images.label_on_image_grid(itk, image, str(path))
-    return prompts.prompts_from_labels(labels, axis, names=names, colors=colors, values=options.label_values,
-                                       per_component=options.per_component, jitter_px=options.box_jitter_px,
-                                       seed=options.seed, source=str(path))
+def _objects_from_label_file(path, image: images.Image, axis: int, options: CaseOptions, notes: list[str]):
+    truths = labels.read_label_truths(path, image)
+    empty = [f"{t.value} ({t.name})" for t in truths if not t.mask.any()]
+    if empty and options.label_values is None:
+        notes.append(f"{path}: segment(s) {', '.join(empty)} have no voxel on the image's grid and are left out.")
+    return prompts.prompts_from_labels(truths, axis, values=options.label_values, per_component=options.per_component,
+                                       jitter_px=options.box_jitter_px, seed=options.seed, source=str(path))
 
 
 def _dry_run(image: images.Image, objects: list[prompts.ObjectPrompt]) -> None:
@@ -156,7 +158,13 @@ def run_case(engine, plan: CasePlan, out_dir: pathlib.Path, options: CaseOptions
         session.close()
     t0 = time.perf_counter()
     files = _write_outputs(plan, out_dir, masks, engine)
-    report = {"status": "ok", "inputs": plan.inputs, "notes": plan.notes, "options": options.as_dict(),
+    notes, overlap = list(plan.notes), outputs.overlap_voxels(masks)
+    if overlap:
+        notes.append(f"{overlap} voxels belong to several objects: the .seg.nrrd keeps every object whole (in "
+                     "layers, as Slicer stores overlapping segments); the label map gives each such voxel to the "
+                     "object listed later.")
+    report = {"status": "ok", "inputs": plan.inputs, "notes": notes, "overlap_voxels": overlap,
+              "options": options.as_dict(),
               "image": {"size_ijk": list(image.itk.GetSize()), "spacing_ijk": list(image.itk.GetSpacing()),
                         "origin_lps": list(image.itk.GetOrigin()), "direction": list(image.itk.GetDirection())},
               "index_order": "voxel indices I,J,K; axis i/j/k; slice pixels x = lower, y = higher remaining index",

@@ -61,8 +61,8 @@ def read_manifest(path: str | pathlib.Path) -> list[Case]:
     """Cases of a manifest CSV (columns image, prompts or labels, optional id); paths relative to its folder."""
     path = pathlib.Path(path)
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's CSV may start with a BOM
+            rows = [{(k or "").strip().lower(): v for k, v in row.items()} for row in csv.DictReader(f)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise CaseInputError(f"The manifest {path} could not be read ({e}).") from None
     if not rows:
@@ -72,7 +72,7 @@ def read_manifest(path: str | pathlib.Path) -> list[Case]:
     if "image" not in columns or not columns & {"prompts", "labels"}:
         raise CaseInputError(f"The manifest {path} needs an \"image\" column and a \"prompts\" or \"labels\" "
                              f"column; it has {', '.join(sorted(c for c in columns if c)) or 'none'}.")
-    base = path.parent
+    base = path.resolve().parent  # absolute: a worker on a cluster runs in another folder
 
     def resolve(value):
         value = (value or "").strip()
@@ -194,6 +194,7 @@ def run_cohort(cases: list[Case], out_root: pathlib.Path, options: CaseOptions, 
     """Every case once; writes summary.csv and cohort_summary.json in `out_root` and returns the summary."""
     from tqdm import tqdm
 
+    out_root = pathlib.Path(out_root).resolve()  # workers on a cluster run in another folder
     out_root.mkdir(parents=True, exist_ok=True)
     results, timings = [], {}
     t0 = time.perf_counter()

@@ -7,14 +7,19 @@ with a file is found here, before a model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import pathlib
+import sys
+import tempfile
 
 import numpy as np
 import SimpleITK as sitk
 
 from medsam2_client import geometry
 
+from . import nifti
 from .errors import CaseInputError
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -28,6 +33,7 @@ class Image:
     itk: sitk.Image
     source: str
     dicom_files: list[str] | None = None  # the series' files in slice (K) order, for a DICOM input
+    nifti_header: tuple[bytes, str] | None = None  # a NIfTI-1 input's header and byte order (its transforms)
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -73,23 +79,27 @@ def _read_dicom_folder(folder: pathlib.Path, series_uid: str | None) -> tuple[si
                          "(choose another with --series).")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(series[uid])
-    try:
-        return reader.Execute(), series[uid], notes
-    except RuntimeError as e:
-        raise CaseInputError(f"DICOM series {uid} in {folder} could not be read ({_first_line(e)}).") from None
+    with c_stderr_held() as held:
+        try:
+            return reader.Execute(), series[uid], notes
+        except RuntimeError as e:
+            error = e
+    raise CaseInputError(f"DICOM series {uid} in {folder} could not be read ({first_line(error, held)}).")
 
 
-def _check_nrrd_header(path: pathlib.Path) -> None:
-    """A NRRD without space fields has no place in the patient; ITK would silently assume an identity grid."""
+def read_nrrd_header(path: pathlib.Path) -> dict:
+    """A NRRD's header, checked: without space fields it has no place in the patient (ITK would silently assume
+    an identity grid)."""
     import nrrd
 
     try:
         header = nrrd.read_header(str(path))
     except (nrrd.NRRDError, OSError, UnicodeDecodeError, ValueError) as e:
-        raise CaseInputError(f"{path} is not a readable NRRD file ({_first_line(e)}).") from None
+        raise CaseInputError(f"{path} is not a readable NRRD file ({first_line(e)}).") from None
     if "space directions" not in header or not ("space" in header or "space origin" in header):
         raise CaseInputError(f"{path} has no space fields (space, space directions, space origin), so where its "
                              "voxels lie in the patient is unknown; add them (Slicer writes them) and retry.")
+    return header
 
 
 def read_itk(path: str | pathlib.Path, series_uid: str | None = None) -> tuple[sitk.Image, list[str] | None,
@@ -103,24 +113,48 @@ def read_itk(path: str | pathlib.Path, series_uid: str | None = None) -> tuple[s
     if path.stat().st_size == 0:
         raise CaseInputError(f"{path} is an empty file.")
     if path.name.lower().endswith(NRRD_SUFFIXES):
-        _check_nrrd_header(path)
-    try:
-        return sitk.ReadImage(str(path)), None, []
-    except RuntimeError as e:
-        raise CaseInputError(f"{path} could not be read as a medical image ({_first_line(e)}).") from None
+        read_nrrd_header(path)
+    if nifti.is_nifti(path):
+        nifti.check_complete(path)
+    with c_stderr_held() as held:
+        try:
+            itk = sitk.ReadImage(str(path))
+            if itk.GetDimension() == 4 and itk.GetSize()[3] == 1:  # a 3D volume stored as one time point
+                itk = itk[:, :, :, 0]
+            return itk, None, []
+        except RuntimeError as e:
+            error = e
+    raise CaseInputError(f"{path} could not be read as a medical image ({first_line(error, held)}).")
 
 
 def read_image(path: str | pathlib.Path, series_uid: str | None = None) -> Image:
     """A 3D scalar image ready for segmentation."""
     itk, files, notes = read_itk(path, series_uid)
-    _check_3d_scalar(itk, path, "image")
+    if pathlib.Path(path).is_file() and itk.HasMetaDataKey("0020|000e") and min(itk.GetSize()) < 2:
+        raise CaseInputError(f"{path} is one DICOM slice; give the folder that holds its whole series.")
+    check_3d_scalar(itk, path, "image")
     array = sitk.GetArrayFromImage(itk)
-    if not np.issubdtype(array.dtype, np.number) or array.dtype == np.complex64:
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise CaseInputError(f"{path} has voxels of type {array.dtype}; use an integer or float image.")
-    return Image(array, itk, str(path), files, notes)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        finite = np.isfinite(array)
+        if not finite.any():
+            raise CaseInputError(f"{path} has no voxel with a finite value (all NaN or infinite).")
+        lowest = array[finite].min()
+        notes.append(f"{path}: {int((~finite).sum())} voxels are NaN or infinite; they are read as the image's "
+                     f"lowest value, {lowest:g}.")
+        array[~finite] = lowest
+    image = Image(array, itk, str(path), dicom_files=files, notes=notes)
+    if nifti.is_nifti(pathlib.Path(path)):
+        image.nifti_header = nifti.read_header(pathlib.Path(path))
+        chosen = image.nifti_header and nifti.transform_choice(*image.nifti_header, image.ijk_to_lps)
+        if chosen:
+            notes.append(f"{path} has a qform and an sform that place its voxels differently; the outputs follow "
+                         f"the {chosen}, as ITK and Slicer read it, and the NIfTI label map keeps both.")
+    return image
 
 
-def _check_3d_scalar(itk: sitk.Image, path, what: str) -> None:
+def check_3d_scalar(itk: sitk.Image, path, what: str) -> None:
     size = itk.GetSize()
     if itk.GetDimension() != 3:
         raise CaseInputError(f"The {what} {path} is {itk.GetDimension()}D {tuple(size)}; a 3D volume is needed.")
@@ -131,35 +165,35 @@ def _check_3d_scalar(itk: sitk.Image, path, what: str) -> None:
         raise CaseInputError(f"The {what} {path} has a single slice {tuple(size)}; a 3D volume is needed.")
 
 
-def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
+class _Held:
+    text = ""
 
 
-def label_on_image_grid(labels: sitk.Image, image: Image, source: str) -> np.ndarray:
-    """A label map's values on the image's grid (K,J,I), resampled with nearest neighbour when its grid differs.
-
-    A label map that does not overlap the image, or whose labels all fall outside it, cannot be used.
-    """
-    _check_3d_scalar(labels, source, "label map")
-    if labels.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        values = sitk.GetArrayViewFromImage(labels)
-        if not np.array_equal(values, np.round(values)):
-            raise CaseInputError(f"The label map {source} has fractional values; threshold it to whole labels first.")
-        labels = sitk.Cast(labels, sitk.sitkInt32)
-    if same_grid(labels, image.itk):
-        return sitk.GetArrayFromImage(labels)
-    original = sitk.GetArrayViewFromImage(labels)
-    resampled = sitk.GetArrayFromImage(sitk.Resample(labels, image.itk, sitk.Transform(), sitk.sitkNearestNeighbor,
-                                                     0, labels.GetPixelID()))
-    if original.any() and not resampled.any():
-        raise CaseInputError(f"The label map {source} lies outside the image {image.source}: no label voxel falls "
-                             "on the image's grid, so it cannot be resampled onto it.")
-    return resampled
+@contextlib.contextmanager
+def c_stderr_held():
+    """Hold what C++ readers print straight to the process's stderr (MetaIO, GDCM, ITK warnings): a user sees one
+    sentence, and that text becomes its reason when the read fails. Python's own sys.stderr is untouched."""
+    held = _Held()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            held.text = tmp.read().decode("utf-8", "replace")
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception, held: _Held | None = None) -> str:
+    """The line that says why: ITK's last message line, or what a C++ reader printed when ITK's says only
+    "No such file or directory" (MetaIO's way of reporting missing voxels)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    printed = [line.strip() for line in (held.text if held else "").splitlines()
+               if line.strip() and not line.strip().startswith("WARNING:")]
     text = lines[-1] if lines else type(error).__name__
+    if printed and (not lines or "No such file or directory" in text):
+        text = " ".join(printed[:2])
     return text[:200].rstrip(".")

@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import SimpleITK as sitk
 
+from . import nifti
 from .images import Image
 
 # Slicer's generic anatomy colours cycle for objects without a colour of their own.
@@ -31,9 +32,15 @@ def write_seg_nrrd(path: pathlib.Path, image: Image, objects: list, masks: list[
     slicerio.write_segmentation(str(path), seg)
 
 
+def overlap_voxels(masks: list[np.ndarray]) -> int:
+    """How many voxels more than one object claims (the label map can give each to only one)."""
+    return int((np.sum(masks, axis=0, dtype=np.int32) > 1).sum()) if len(masks) > 1 else 0
+
+
 def label_map(objects: list, masks: list[np.ndarray]) -> np.ndarray:
-    """K,J,I label values; where objects overlap the later one wins."""
-    out = np.zeros(masks[0].shape, np.uint16 if max(o.label for o in objects) > 255 else np.uint8)
+    """K,J,I label values; where objects overlap the later one wins (the .seg.nrrd keeps them all)."""
+    values = [o.label for o in objects]
+    out = np.zeros(masks[0].shape, np.result_type(*(np.min_scalar_type(v) for v in (min(values), max(values)))))
     for obj, mask in zip(objects, masks):
         out[mask] = obj.label
     return out
@@ -44,6 +51,8 @@ def write_label_image(path: pathlib.Path, image: Image, labels_kji: np.ndarray) 
     itk = sitk.GetImageFromArray(labels_kji)
     itk.CopyInformation(image.itk)
     sitk.WriteImage(itk, str(path), useCompression=True)
+    if image.nifti_header is not None:  # the input's own qform and sform, so every tool overlays the two alike
+        nifti.copy_transforms(image.nifti_header, path)
 
 
 def write_dicom_seg(path: pathlib.Path, image: Image, objects: list, masks: list[np.ndarray],

@@ -14,11 +14,15 @@ Prompts file (JSON):
         "label": 1,                             # optional value in the label map output (default: 1, 2, ...)
         "color": [1.0, 0.5, 0.0],               # optional, 0..1
         "axis": "k",                            # optional: i, j, k or axial, sagittal, coronal
-        "box": [[x, y, z], [x, y, z]],          # optional: two opposite corners; on different slices = a 3D box
+        "box": [[x, y, z], [x, y, z]],          # optional: two opposite corners (or all 8); on different
+                                                #   slices = a 3D box
         "points": [[x, y, z]], "labels": [1]}   # optional: 1 positive, 0 negative; each on its nearest slice
      ]}
 A 3D box (corners on different slices, e.g. a RECIST lesion box) gives the key slice (its centre), the 2D box on it,
-and limits propagation to the box's slices plus a margin in mm. Every check here runs before a model is loaded.
+and limits propagation to the box's slices plus a margin in mm. Two corners bound the box on the image's voxel grid
+(the voxels between their indices, whichever coordinates name them); for a box aligned otherwise, e.g. with the
+world's axes on an oblique image, give its eight corners: their bounding box on the voxel grid is used. A box partly
+outside the image is clipped to it. Every check here runs before a model is loaded.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .errors import CaseInputError
 AXIS_NAMES = ("i", "j", "k")
 DEFAULT_BOX_MARGIN_MM = geometry.DEFAULT_BOX_MARGIN_MM
 COORDINATES = ("RAS", "LPS", "voxel")
+PIXEL_DECIMALS = 6  # slice pixels as used and reported: voxel indices survive the trip through world coordinates
 
 
 def parse_axis(value, ijk_to_ras: np.ndarray) -> int:
@@ -144,10 +149,10 @@ def _object_prompt(obj: dict, coordinates: str, label: int, name: str, ijk_to_ra
     steps, first, last = [], 0, shape_kji[axis] - 1
     if "box" in obj:
         corners = _to_ras(obj["box"], coordinates, ijk_to_ras, "box corners")
-        if len(corners) != 2:
-            raise CaseInputError("a box is two opposite corners.")
+        if len(corners) not in (2, 8):
+            raise CaseInputError("a box is two opposite corners, or all eight corners of a box.")
         plan = geometry.box_prompt_from_corners(corners, ijk_to_ras, axis, shape_kji, margin_mm)
-        x0, y0, x1, y1 = (float(v) for v in plan.box)
+        x0, y0, x1, y1 = (round(float(v), PIXEL_DECIMALS) for v in plan.box)
         if x1 <= x0 or y1 <= y0:
             raise CaseInputError("the box has no width or height on its key slice.")
         steps.append(SliceStep(plan.slice_index, box=[x0, y0, x1, y1]))
@@ -166,7 +171,7 @@ def _object_prompt(obj: dict, coordinates: str, label: int, name: str, ijk_to_ra
             if step is None:
                 step = SliceStep(slice_index)
                 steps.append(step)
-            step.points = xy.tolist()
+            step.points = np.round(xy, PIXEL_DECIMALS).tolist()
             step.labels = [int(v) for v, c in zip(point_labels, chosen) if c]
         if not first <= min(s.slice_index for s in steps) <= max(s.slice_index for s in steps) <= last:
             raise CaseInputError("its points lie outside its 3D box's slices.")
@@ -178,44 +183,65 @@ def _object_prompt(obj: dict, coordinates: str, label: int, name: str, ijk_to_ra
 
 
 # ---- prompts from ground truth -------------------------------------------------------------------------------------
-def prompts_from_labels(labels_kji: np.ndarray, axis: int, *, names: dict[int, str] | None = None,
-                        colors: dict[int, list[float]] | None = None, values: list[int] | None = None,
+@dataclasses.dataclass
+class LabelTruth:
+    """One ground-truth structure on the image's grid: the value `--label-values` selects it by (and its label in
+    the outputs), its name and colour, and its voxels (bool K,J,I). A label map has one per non-zero value; a Slicer
+    segmentation one per segment, which may overlap others."""
+
+    value: int
+    name: str
+    mask: np.ndarray = dataclasses.field(repr=False)
+    color: list[float] | None = None
+
+
+def label_truths(labels_kji: np.ndarray) -> list[LabelTruth]:
+    """One truth per non-zero value of a label map (K,J,I), named "label V"."""
+    return [LabelTruth(int(v), f"label {int(v)}", labels_kji == v) for v in np.unique(labels_kji) if v != 0]
+
+
+def prompts_from_labels(truths: list[LabelTruth], axis: int, *, values: list[int] | None = None,
                         per_component: bool = False, jitter_px: float = 0.0, seed: int = 0,
                         source: str = "the label map") -> list[ObjectPrompt]:
-    """MedSAM2's evaluation protocol: per label value (or per 26-connected component), the label's bounding box on
-    the slice where its area is largest, propagated both ways over the whole volume.
+    """MedSAM2's evaluation protocol: per truth (or per 26-connected component of it), its bounding box on the
+    slice where its area is largest, propagated both ways over the whole volume.
 
+    `values` selects truths by value (default: every truth with voxels on the image's grid); a value that is not
+    there, or whose structure has no voxel on the image's grid, is an error.
     Jitter: each of x0, y0, x1, y1 moves by an independent uniform random integer in [-jitter_px, jitter_px]
     (numpy's default_rng(seed), drawn in object order), clipped to the slice. A box one pixel wide or high gets
     half a pixel on each side so it has an area.
     """
-    present = [int(v) for v in np.unique(labels_kji) if v != 0]
-    if values is None:
-        values = present
-    missing = [v for v in values if v not in present]
+    by_value = {t.value: t for t in truths}
+    present = [t.value for t in truths if t.mask.any()]
+    listing = ", ".join(str(t.value) if t.name == f"label {t.value}" else f"{t.value} ({t.name})"
+                        for t in truths if t.mask.any()) or "no labels"
+    values = present if values is None else list(dict.fromkeys(values))
+    missing = [v for v in values if v not in by_value]
     if missing:
         raise CaseInputError(f"Label value(s) {', '.join(map(str, missing))} are not in {source} (it has "
-                             f"{', '.join(map(str, present)) or 'no labels'}).")
+                             f"{listing}).")
+    empty = [v for v in values if v not in present]
+    if empty:
+        raise CaseInputError(f"Label value(s) {', '.join(f'{v} ({by_value[v].name})' for v in empty)} of {source} "
+                             "have no voxel on the image's grid.")
     if not values:
         raise CaseInputError(f"{source} has no labels (all voxels are 0) on the image's grid.")
-    names, colors = names or {}, colors or {}
     rng = np.random.default_rng(seed)
     objects, next_label = [], 1
     for value in values:
-        mask = labels_kji == value
-        parts = [mask]
+        truth = by_value[value]
+        parts = [truth.mask]
         if per_component:
-            components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+            components, count = ndimage.label(truth.mask, structure=np.ones((3, 3, 3)))
             parts = [components == c for c in range(1, count + 1)]
         for n, part in enumerate(parts, 1):
-            name = names.get(value, f"label {value}")
+            name, label = truth.name, value
             if per_component:
                 name, label = f"{name} {n}", next_label
-            else:
-                label = value
             next_label += 1
             step = _largest_slice_box(part, axis, jitter_px, rng)
-            objects.append(ObjectPrompt(label, name, axis, [step], 0, part.shape[axis] - 1, colors.get(value),
+            objects.append(ObjectPrompt(label, name, axis, [step], 0, part.shape[axis] - 1, truth.color,
                                         truth=part))
     return objects
 
