@@ -18,7 +18,7 @@ import torch
 from medsam2_client import protocol
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
-from .base import BACKWARD, FORWARD, SlicePrompt, SliceResult, VolumeSession
+from .base import BACKWARD, SlicePrompt, SliceResult, VolumeSession
 from .model import Sam2Model
 from .preprocess import Preprocessing, SliceFrames, square_size
 
