@@ -14,14 +14,15 @@ Decisions:
   (`actions`). Slices written before a propagation failed stay in the segment, and Undo removes them in one step.
 - Every action is one undo step, and the model follows undo and redo (see `segment_states`): before each action,
   each segment's tag names the state it is in, and an engine object that is not in that state is rebuilt by
-  replaying that state's prompts. Slices the user edited since MedSAM2 last wrote them become mask corrections
-  when the segment is propagated again.
+  replaying that state's prompts and propagations. Slices the user edited since MedSAM2 last wrote them become
+  mask corrections when the segment is propagated again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from typing import Callable, Sequence
 
@@ -31,7 +32,7 @@ from . import geometry, segment_states, volume_settings
 from .actions import (END, MedSAM2ActionError, PromptOutcome, PropagationJob, PropagationOutcome, UncertainSlice,
                       as_action_error, drive)
 from .mrml_io import SliceBatchWriter, segment_mask_kji
-from .segment_states import PromptCall, SegmentState
+from .segment_states import PromptCall, PropagateCall, SegmentState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,7 @@ class SessionController:
             slice_index = geometry.view_slice_index(view, ijk_to_ras, choice.axis, shape)
             mask = np.take(segment_mask_kji(target.segmentation_node, segment_id, volume_node), slice_index,
                            axis=choice.axis)
-            live = self._live_state(volume_node, target, segment_id)
+            live = self._tagged_state(volume_node, target, segment_id)
             if not mask.any() and (live is None or live.axis != choice.axis):
                 raise MedSAM2ActionError(f"The segment has no voxels on slice {slice_index}; paint it there first, "
                                          "or place a point or a box.")
@@ -218,10 +219,13 @@ class SessionController:
                                                              action)
                     writer = self._writer(volume_node, target, None, axis)
                     action.writers.append(writer)
-                    run = entry.session.propagate(list(by_obj), **dict(options, start=start, stop=stop))
+                    run_options = dict(options, start=start, stop=stop)
+                    run = entry.session.propagate(list(by_obj), **run_options)
                     self._run = run
+                    read = dict.fromkeys(by_obj, 0)
                     try:
                         while (result := (yield run)) is not END:
+                            read[result.obj_id] += 1
                             segment_id = by_obj[result.obj_id]
                             if result.slice_index not in edits[segment_id]:  # the user's edits stay as drawn
                                 writer.add(result.slice_index, result.mask, segment_id)
@@ -230,6 +234,9 @@ class SessionController:
                     finally:
                         self._run = None
                     writer.flush()
+                    for obj_id, segment_id in by_obj.items():  # the model's memory now includes this run
+                        self._record_call(target, action, segment_id, PropagateCall(
+                            run_options, read[obj_id] if run.summary.cancelled else None))
                     done_before, planned_before = done_before + run.done, planned_before + run.planned
                     ijk_to_ras = geometry.ijk_to_world_ras(volume_node)
                     for obj_id, segment_id in by_obj.items():
@@ -262,8 +269,8 @@ class SessionController:
     def prompts(self, volume_node, segment_id: str, target=None) -> list[RasPrompt]:
         """A segment's prompts as placed (of the segmentation `target` writes to; without it, of any)."""
         if target is not None:
-            live = self._live_state(volume_node, target, segment_id)
-            return list(live.prompts) if live is not None and live.axis is not None else []
+            state = self._tagged_state(volume_node, target, segment_id)
+            return list(state.prompts) if state is not None and state.axis is not None else []
         for (_, seg), live in self._live.items():
             if seg == segment_id and live.volume_id == volume_node.GetID() and live.axis is not None:
                 return list(live.prompts)
@@ -432,10 +439,31 @@ class SessionController:
             self._live[key] = state
             segment_states.write_token(node, segment_id, self._book.file(state))
 
+    def replayer(self, volume_node, target) -> Callable[[], None] | None:
+        """The slow part of bringing the model to the state Undo/Redo left the segments in (replaying their
+        prompts and propagations), for a GUI to run on a worker thread before its next action: a callable that
+        touches no MRML, or None when no object must be rebuilt. Without it, the next action does it itself."""
+        with as_action_error("Bringing MedSAM2 to the state Undo/Redo left"):
+            rebuilds = self._rebuilds(volume_node, target)
+        if not rebuilds:
+            return None
+
+        def replay():
+            with as_action_error("Bringing MedSAM2 to the state Undo/Redo left"):
+                for rebuild in rebuilds:
+                    rebuild()
+        return replay
+
     def _sync(self, volume_node, target) -> None:
         """Make every segment's engine object match the state its tag names (after undo/redo: replay)."""
+        for rebuild in self._rebuilds(volume_node, target):
+            rebuild()
+
+    def _rebuilds(self, volume_node, target) -> list[Callable[[], None]]:
+        """Compare each segment's tag with its engine object (MRML reads, here); return, for each object that must
+        be rebuilt, a callable replaying its state's calls (backend calls only) that then records it as live."""
         node = target.segmentation_node
-        fingerprint = None
+        fingerprint, rebuilds = None, []
         for segment_id in _segment_ids(node):
             key = (node.GetID(), segment_id)
             wanted = self._book.get(segment_states.read_token(node, segment_id))
@@ -455,10 +483,17 @@ class SessionController:
                 self._set_live(key, wanted if wanted is not None and wanted.axis is None else None)
                 continue
             entry = self._session_for(volume_node, wanted.axis)
-            obj_id = self._object_id(entry, key)
+            rebuilds.append(functools.partial(self._rebuild, entry, key, self._object_id(entry, key), wanted))
+        return rebuilds
+
+    def _rebuild(self, entry: _OpenSession, key, obj_id: int, wanted: SegmentState) -> None:
+        try:
             for call in wanted.calls:
                 call.apply(entry.session, obj_id)
-            self._set_live(key, wanted)
+        except BaseException:
+            entry.obj_ids.pop(key, None)  # a half-built object is never used: the next action builds a new one
+            raise
+        self._set_live(key, wanted)
 
     def _set_live(self, key, state: SegmentState | None) -> None:
         if state is None:
@@ -466,9 +501,14 @@ class SessionController:
         else:
             self._live[key] = state
 
-    def _live_state(self, volume_node, target, segment_id: str) -> SegmentState | None:
-        self._sync(volume_node, target)
-        return self._live.get((target.segmentation_node.GetID(), segment_id))
+    def _tagged_state(self, volume_node, target, segment_id: str) -> SegmentState | None:
+        """The state the segment's tag names (what Undo/Redo left), if it is of this volume's voxels; reading it
+        rebuilds nothing (the prompt list asks on every selection change)."""
+        state = self._book.get(segment_states.read_token(target.segmentation_node, segment_id))
+        if state is None or (state.volume_id, state.fingerprint) != (volume_node.GetID(),
+                                                                      self.fingerprint(volume_node)):
+            return None
+        return state
 
     def _group_runs(self, volume_node, target, segment_ids, options: dict) -> dict[tuple, list[str]]:
         """Segments by the engine run they share: (axis, first slice, last slice). The range is the options',
@@ -503,6 +543,15 @@ class SessionController:
         if edited:
             action.change(segment_id, live.axis, calls, prompts)
         return set(edited)
+
+    def _record_call(self, target, action: _Action, segment_id: str, call) -> None:
+        """Add an engine call to what this action changed of a segment's state (after any edits it took)."""
+        if segment_id in action.changes:
+            axis, calls, prompts = action.changes[segment_id]
+        else:
+            live = self._live[(target.segmentation_node.GetID(), segment_id)]
+            axis, calls, prompts = live.axis, live.calls, live.prompts
+        action.change(segment_id, axis, calls + (call,), prompts)
 
     def _session_for(self, volume_node, axis: int) -> _OpenSession:
         key = (volume_node.GetID(), axis)

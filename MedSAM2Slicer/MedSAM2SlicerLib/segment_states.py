@@ -6,8 +6,8 @@ tags each segment it concerns with that token; before the next action, the tag t
 state it is in now, whoever undid or redid (the Segment Editor, Ctrl+Z, the console). Setting the tag is also what
 makes an action that changes no voxel one undo step of its own.
 
-A `SegmentState` holds the engine calls that built the segment's object (replayed in order when the engine must go
-back or forward to that state: SAM-2's own way of rebuilding an object, as `set_preprocessing` does) and what
+A `SegmentState` holds the engine calls that built the segment's object, its prompts and its propagations
+(replayed in order, propagations included, when the engine must go back or forward to that state) and what
 MedSAM2 last wrote into the segment (its voxels right after the write, masking and overwrite applied, on the
 source volume's lattice). Slices that differ from that record were edited by the user since.
 """
@@ -35,6 +35,25 @@ class PromptCall:
 
     def apply(self, session, obj_id: int):
         return session.add_prompt(obj_id, self.slice_index, **self.kwargs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PropagateCall:
+    """One propagation of the object as it ran, replayed without writing: SAM-2 computes a later click on a tracked
+    slice from that slice's tracked mask and the side's memory, so a replay of the prompts alone would give such a
+    correction another mask (engine2's `bench.py --cases replay`: thousands of pixels)."""
+
+    options: dict  # direction, start, stop, stop_after_empty, postprocess
+    results: int | None = None  # results read before it was cancelled; None: it ran to its end
+
+    def apply(self, session, obj_id: int):
+        run = session.propagate([obj_id], **self.options)
+        if self.results == 0:
+            run.cancel()
+        for n, _result in enumerate(run, 1):
+            if n == self.results:
+                run.cancel()  # where the original stopped: the engine ends between two slices
+        return None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

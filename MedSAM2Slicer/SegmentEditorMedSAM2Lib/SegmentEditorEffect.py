@@ -599,7 +599,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             logic.guard.acquire(what)
             self._running = target
             try:
-                result = action(logic.controller, target.source_volume, target)
+                replay = logic.controller.replayer(target.source_volume, target)
+                result = (self._afterReplay(replay, action, target) if replay is not None
+                          else action(logic.controller, target.source_volume, target))
             except BaseException:
                 self._endAction()
                 raise
@@ -607,6 +609,30 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self._endAction()
         except MedSAM2ActionError as error:
             self.statusLabel.text = str(error)
+
+    def _afterReplay(self, replay, action, target):
+        """After an Undo/Redo the model is rebuilt first, propagations included (on a worker thread: that can take
+        as long as they did), then the action runs."""
+        self.statusLabel.text = _("MedSAM2 is going back to the state Undo/Redo left…")
+
+        def replayed(_result, error):
+            try:
+                if error is not None:
+                    raise error
+                if target.selection_changed():
+                    raise SelectionChangedError(SELECTION_CHANGED)
+                self.statusLabel.text = ""
+                if action(shared_logic().controller, target.source_volume, target) is IN_BACKGROUND:
+                    return  # the action ends itself
+            except MedSAM2ActionError as action_error:
+                self.statusLabel.text = str(action_error)
+            except BaseException:
+                self._endAction()
+                raise  # a bug: its traceback goes to Slicer's log
+            self._endAction()
+
+        self._reader = call_in_background(replay, replayed, self._startTimer)
+        return IN_BACKGROUND
 
     def _endAction(self):
         self._running = None

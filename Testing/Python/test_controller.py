@@ -635,3 +635,63 @@ def test_cancel_ends_an_openers_wait_for_a_busy_server(mrml):
     worker.join(10)
     assert failures == ["Sending the volume failed: The server is busy (8 users are active). Waiting for room was "
                         "cancelled."]
+
+
+@pytest.mark.sam2
+def test_with_sam2_the_next_action_after_an_undo_is_exactly_as_if_the_undone_action_never_happened(mrml):
+    """A correction on an already propagated slice is computed from that slice's tracked mask: the state an Undo
+    returns to is rebuilt with its propagations, so what follows is what it would have been (random weights)."""
+    from medsam2_backend.engine.model import load_model
+    from medsam2_backend.engine.sam2_engine import Sam2Engine
+
+    engine = Sam2Engine(load_model(random_weights=True, seed=0))
+    rows, cols = np.ogrid[:40, :48]
+    blob = ((rows - 20) ** 2 + (cols - 22) ** 2 < 120).astype(np.int16) * 300
+
+    def scene():
+        volume = slicer.util.addVolumeFromArray(np.stack([blob] * 6), np.diag([1.0, 1.0, 2.0, 1.0]))
+        segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        target, controller = mrml_io.EditorLogicTarget(segmentation, volume), SessionController(
+            InProcessBackend(engine), {"preset": "soft_tissue"})
+        segment = segmentation.GetSegmentation().AddEmptySegment("A")
+        controller.add_prompt(volume, target, segment, box_corners_ras=[[12.0, 10.0, 4.0], [32.0, 30.0, 4.0]])
+        controller.propagate(volume, target, segment)
+        controller.add_prompt(volume, target, segment, points_ras=[[22.0, 20.0, 8.0], [14.0, 12.0, 8.0]],
+                              labels=[1, 0])  # a correction on slice 4, which the propagation tracked
+        controller.propagate(volume, target, segment)
+        return volume, segmentation, target, controller, segment
+
+    volume, segmentation, target, controller, a = scene()
+    controller.add_prompt(volume, target, a, points_ras=[[22.0, 20.0, 2.0]], labels=[0])  # slice 1: undone below
+    controller.propagate(volume, target, a)
+    target.undo()
+    target.undo()
+    controller.propagate(volume, target, a)
+    after_undo = _segment(segmentation, a, volume)
+    volume_b, segmentation_b, target_b, controller_b, b = scene()  # the same, without the undone actions
+    controller_b.propagate(volume_b, target_b, b)
+    assert after_undo.any() and np.array_equal(after_undo, _segment(segmentation_b, b, volume_b))
+
+
+def test_listing_prompts_after_an_undo_rebuilds_nothing_and_the_gui_can_replay_off_the_main_thread(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
+    controller.propagate(volume, target, a)
+    controller.add_prompt(volume, target, a, points_ras=_point(8, 8.0, 8.0), labels=[1])
+    session = next(iter(controller._sessions.values())).session
+    calls = []
+    for name in ("add_prompt", "propagate"):
+        original = getattr(session, name)
+        setattr(session, name, lambda *args, _original=original, _name=name, **kwargs: (
+            calls.append(_name), _original(*args, **kwargs))[1])
+    target.undo()  # the correction
+    assert [p.slice_index for p in controller.prompts(volume, a, target)] == [5] and calls == []
+    replay = controller.replayer(volume, target)  # what the effect runs on its worker thread
+    assert calls == [] and replay is not None
+    replay()
+    assert calls == ["add_prompt", "propagate"]  # the prompt, then the propagation the state had
+    assert controller.replayer(volume, target) is None
+    controller.propagate(volume, target, a)
+    assert calls == ["add_prompt", "propagate", "propagate"]  # nothing replayed again

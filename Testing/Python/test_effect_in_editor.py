@@ -398,7 +398,11 @@ def test_the_editors_undo_and_redo_take_the_effects_correction_out_of_the_model_
     editor.logic.Undo()  # the correction
     assert np.array_equal(editor.voxels("a"), first)
     editor.logic.Redo()  # the correction again: the model has it again
-    assert np.array_equal(propagate(), corrected), "the redone correction is missing"
+    fire(effect.propagateButton, "clicked()")
+    assert "going back to the state Undo/Redo left" in effect.statusLabel.text  # rebuilt on the worker first
+    assert not effect.propagateButton.enabled  # one action at a time meanwhile
+    standins.run_timers()
+    assert np.array_equal(editor.voxels("a"), corrected), "the redone correction is missing"
     editor.logic.Undo()  # that propagation
     editor.logic.Undo()  # the correction
     assert np.array_equal(propagate(), first), "the undone correction came back"
