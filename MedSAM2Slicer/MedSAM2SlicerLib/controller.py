@@ -72,6 +72,9 @@ class _Action:
         self.changes[segment_id] = (axis, tuple(calls), tuple(prompts))
 
 
+REPLAY_CANCELLED = "Going back to the state Undo/Redo left was cancelled; the next action starts it again."
+
+
 class SessionController:
     """Holds the backend sessions and per-segment model states; converts RAS prompts and writes results."""
 
@@ -85,6 +88,7 @@ class SessionController:
         self._fingerprints: dict[str, tuple[int, str]] = {}  # volume id -> (image MTime, fingerprint)
         self._voxels: dict[str, tuple[str, np.ndarray]] = {}  # volume id -> (fingerprint, its one copy)
         self._opening: threading.Event | None = None  # set by `cancel` to end an opener's wait for a busy server
+        self._replay_cancelled = threading.Event()  # set by `cancel` to stop rebuilding objects after Undo/Redo
         self._run = None
         # (volume id, segment id) -> the options of its last propagation (removing a prompt redoes it)
         self.last_propagation: dict[tuple[str, str], dict] = {}
@@ -261,6 +265,7 @@ class SessionController:
             self._run.cancel()
         if self._opening is not None:
             self._opening.set()
+        self._replay_cancelled.set()
 
     def set_preprocessing(self, preprocessing) -> None:
         """Use this intensity preprocessing from the next action on (open sessions keep their prompts)."""
@@ -464,6 +469,7 @@ class SessionController:
         be rebuilt, a callable replaying its state's calls (backend calls only) that then records it as live."""
         node = target.segmentation_node
         fingerprint, rebuilds = None, []
+        self._replay_cancelled.clear()
         for segment_id in _segment_ids(node):
             key = (node.GetID(), segment_id)
             wanted = self._book.get(segment_states.read_token(node, segment_id))
@@ -489,8 +495,17 @@ class SessionController:
     def _rebuild(self, entry: _OpenSession, key, obj_id: int, wanted: SegmentState) -> None:
         try:
             for call in wanted.calls:
-                call.apply(entry.session, obj_id)
+                if self._replay_cancelled.is_set():
+                    raise MedSAM2ActionError(REPLAY_CANCELLED)
+                if isinstance(call, PropagateCall):
+                    call.apply(entry.session, obj_id, watch=lambda run: setattr(self, "_run", run))
+                    self._run = None
+                else:
+                    call.apply(entry.session, obj_id)
+            if self._replay_cancelled.is_set():
+                raise MedSAM2ActionError(REPLAY_CANCELLED)
         except BaseException:
+            self._run = None
             entry.obj_ids.pop(key, None)  # a half-built object is never used: the next action builds a new one
             raise
         self._set_live(key, wanted)

@@ -46,8 +46,11 @@ class PropagateCall:
     options: dict  # direction, start, stop, stop_after_empty, postprocess
     results: int | None = None  # results read before it was cancelled; None: it ran to its end
 
-    def apply(self, session, obj_id: int):
+    def apply(self, session, obj_id: int, watch=None):
+        """`watch(run)` is told the run before it is read (so whoever replays can cancel it)."""
         run = session.propagate([obj_id], **self.options)
+        if watch is not None:
+            watch(run)
         if self.results == 0:
             run.cancel()
         for n, _result in enumerate(run, 1):

@@ -695,3 +695,33 @@ def test_listing_prompts_after_an_undo_rebuilds_nothing_and_the_gui_can_replay_o
     assert controller.replayer(volume, target) is None
     controller.propagate(volume, target, a)
     assert calls == ["add_prompt", "propagate", "propagate"]  # nothing replayed again
+
+
+def test_cancel_stops_a_replay_and_the_next_action_replays_again(mrml):
+    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
+    a = segmentation.GetSegmentation().AddEmptySegment("A")
+    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
+    controller.propagate(volume, target, a)
+    propagated = _segment(segmentation, a, volume).copy()
+    controller.add_prompt(volume, target, a, points_ras=_point(8, 8.0, 8.0), labels=[1])
+    target.undo()  # the correction
+    session = next(iter(controller._sessions.values())).session
+    original = session.propagate
+
+    def cancelled_at_the_first_slice(*args, **kwargs):
+        run = original(*args, **kwargs)
+
+        def results():
+            for result in run:
+                controller.cancel()  # the user's Cancel while MedSAM2 goes back
+                yield result
+        return type("Run", (), {"cancel": run.cancel, "summary": property(lambda self: run.summary),
+                                "__iter__": lambda self: results()})()
+
+    session.propagate = cancelled_at_the_first_slice
+    with pytest.raises(MedSAM2ActionError, match="was cancelled; the next action starts it again"):
+        controller.replayer(volume, target)()
+    session.propagate = original
+    controller.propagate(volume, target, a)  # rebuilt from the start, then propagated
+    assert np.array_equal(_segment(segmentation, a, volume), propagated)
+    assert [p.slice_index for p in controller.prompts(volume, a, target)] == [5]
