@@ -209,11 +209,17 @@ def _point(k, x=CENTER[0], y=CENTER[1]):
     return [[x, y, 2.0 * k]]
 
 
-def test_an_undone_correction_is_not_in_the_next_propagation_and_a_redone_one_is(mrml):
+def _prompted_and_propagated(mrml):
+    """Segment "A" prompted with a point on slice 5 and propagated (the disk engine): one undo step each."""
     volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
     a = segmentation.GetSegmentation().AddEmptySegment("A")
     controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
     controller.propagate(volume, target, a)
+    return volume, segmentation, target, controller, a
+
+
+def test_an_undone_correction_is_not_in_the_next_propagation_and_a_redone_one_is(mrml):
+    volume, segmentation, target, controller, a = _prompted_and_propagated(mrml)
     first = _segment(segmentation, a, volume).copy()
     assert np.array_equal(first, _expected_from({5: disk((32, 32), *CENTER, 6)}))
     controller.add_prompt(volume, target, a, points_ras=_point(8, 8.0, 8.0), labels=[1])  # a correction
@@ -249,10 +255,7 @@ def test_an_action_that_changes_nothing_is_one_undo_step(mrml):
 
 
 def test_edited_slices_become_corrections_and_stay_as_drawn(mrml):
-    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
-    a = segmentation.GetSegmentation().AddEmptySegment("A")
-    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
-    controller.propagate(volume, target, a)
+    volume, segmentation, target, controller, a = _prompted_and_propagated(mrml)
     blob = np.zeros((32, 32), bool)
     blob[20:28, 18:30] = True
     _paint(target, a, volume, 8, blob)  # Paint on slice 8
@@ -357,10 +360,7 @@ def test_several_segments_propagate_in_one_engine_call_and_one_undo_step(mrml):
 
 
 def test_reset_forgets_the_prompts_keeps_the_voxels_and_undo_brings_them_back(mrml):
-    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
-    a = segmentation.GetSegmentation().AddEmptySegment("A")
-    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
-    controller.propagate(volume, target, a)
+    volume, segmentation, target, controller, a = _prompted_and_propagated(mrml)
     propagated = _segment(segmentation, a, volume).copy()
     controller.reset_segment(volume, target, a)
     assert np.array_equal(_segment(segmentation, a, volume), propagated)
@@ -675,10 +675,7 @@ def test_with_sam2_the_next_action_after_an_undo_is_exactly_as_if_the_undone_act
 
 
 def test_listing_prompts_after_an_undo_rebuilds_nothing_and_the_gui_can_replay_off_the_main_thread(mrml):
-    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
-    a = segmentation.GetSegmentation().AddEmptySegment("A")
-    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
-    controller.propagate(volume, target, a)
+    volume, segmentation, target, controller, a = _prompted_and_propagated(mrml)
     controller.add_prompt(volume, target, a, points_ras=_point(8, 8.0, 8.0), labels=[1])
     session = next(iter(controller._sessions.values())).session
     calls = []
@@ -698,10 +695,7 @@ def test_listing_prompts_after_an_undo_rebuilds_nothing_and_the_gui_can_replay_o
 
 
 def test_cancel_stops_a_replay_and_the_next_action_replays_again(mrml):
-    volume, segmentation, target, controller = _setup(mrml, RecordingBackend())
-    a = segmentation.GetSegmentation().AddEmptySegment("A")
-    controller.add_prompt(volume, target, a, points_ras=_point(5), labels=[1])
-    controller.propagate(volume, target, a)
+    volume, segmentation, target, controller, a = _prompted_and_propagated(mrml)
     propagated = _segment(segmentation, a, volume).copy()
     controller.add_prompt(volume, target, a, points_ras=_point(8, 8.0, 8.0), labels=[1])
     target.undo()  # the correction
