@@ -87,8 +87,9 @@ class SessionController:
         self._live: dict[tuple[str, str], SegmentState] = {}
         self._fingerprints: dict[str, tuple[int, str]] = {}  # volume id -> (image MTime, fingerprint)
         self._voxels: dict[str, tuple[str, np.ndarray]] = {}  # volume id -> (fingerprint, its one copy)
-        self._opening: threading.Event | None = None  # set by `cancel` to end an opener's wait for a busy server
-        self._replay_cancelled = threading.Event()  # set by `cancel` to stop rebuilding objects after Undo/Redo
+        # The user's Cancel of the running action, set by `cancel` and cleared when an action starts: it ends a wait
+        # for a busy server (a network session keeps it for its later calls) and stops a rebuild after Undo/Redo.
+        self._cancelled = threading.Event()
         self._run = None
         # (volume id, segment id) -> the options of its last propagation (removing a prompt redoes it)
         self.last_propagation: dict[tuple[str, str], dict] = {}
@@ -263,9 +264,7 @@ class SessionController:
         session opener's wait for a busy server."""
         if self._run is not None:
             self._run.cancel()
-        if self._opening is not None:
-            self._opening.set()
-        self._replay_cancelled.set()
+        self._cancelled.set()
 
     def set_preprocessing(self, preprocessing) -> None:
         """Use this intensity preprocessing from the next action on (open sessions keep their prompts)."""
@@ -323,7 +322,8 @@ class SessionController:
         if upload_progress is not None and "upload_progress" in accepted:
             extra["upload_progress"] = upload_progress
         if "cancel" in accepted:
-            extra["cancel"] = self._opening = threading.Event()
+            self._cancelled.clear()
+            extra["cancel"] = self._cancelled
 
         def open_session():
             with as_action_error("Sending the volume"):
@@ -410,6 +410,7 @@ class SessionController:
     def _action(self, volume_node, target):
         """One user action: bring the engine to the state undo/redo left the segments in, save the undo state,
         run; then record the new states and tag the segments (the tag makes even a no-op its own undo step)."""
+        self._cancelled.clear()
         self._sync(volume_node, target)
         target.save_state_for_undo()
         action = _Action()
@@ -448,6 +449,7 @@ class SessionController:
         """The slow part of bringing the model to the state Undo/Redo left the segments in (replaying their
         prompts and propagations), for a GUI to run on a worker thread before its next action: a callable that
         touches no MRML, or None when no object must be rebuilt. Without it, the next action does it itself."""
+        self._cancelled.clear()
         with as_action_error("Bringing MedSAM2 to the state Undo/Redo left"):
             rebuilds = self._rebuilds(volume_node, target)
         if not rebuilds:
@@ -469,7 +471,6 @@ class SessionController:
         be rebuilt, a callable replaying its state's calls (backend calls only) that then records it as live."""
         node = target.segmentation_node
         fingerprint, rebuilds = None, []
-        self._replay_cancelled.clear()
         for segment_id in _segment_ids(node):
             key = (node.GetID(), segment_id)
             wanted = self._book.get(segment_states.read_token(node, segment_id))
@@ -495,14 +496,14 @@ class SessionController:
     def _rebuild(self, entry: _OpenSession, key, obj_id: int, wanted: SegmentState) -> None:
         try:
             for call in wanted.calls:
-                if self._replay_cancelled.is_set():
+                if self._cancelled.is_set():
                     raise MedSAM2ActionError(REPLAY_CANCELLED)
                 if isinstance(call, PropagateCall):
                     call.apply(entry.session, obj_id, watch=lambda run: setattr(self, "_run", run))
                     self._run = None
                 else:
                     call.apply(entry.session, obj_id)
-            if self._replay_cancelled.is_set():
+            if self._cancelled.is_set():
                 raise MedSAM2ActionError(REPLAY_CANCELLED)
         except BaseException:
             self._run = None

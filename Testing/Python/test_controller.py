@@ -610,10 +610,11 @@ def test_a_volume_is_copied_once_for_all_its_axes_and_again_only_when_its_voxels
 def test_cancel_ends_an_openers_wait_for_a_busy_server(mrml):
     from medsam2_client import errors
 
-    waiting = threading.Event()
+    waiting, given = threading.Event(), []
 
     class BusyBackend(RecordingBackend):
         def open_session(self, volume_kji, spacing_kji, axis, preprocessing, fingerprint=None, cancel=None):
+            given.append(cancel)
             waiting.set()
             assert cancel.wait(10)  # what the client's busy retry does with it
             raise errors.Cancelled("The server is busy (8 users are active). Waiting for room was cancelled.")
@@ -635,6 +636,7 @@ def test_cancel_ends_an_openers_wait_for_a_busy_server(mrml):
     worker.join(10)
     assert failures == ["Sending the volume failed: The server is busy (8 users are active). Waiting for room was "
                         "cancelled."]
+    assert controller.session_opener(volume) is not None and not given[0].is_set()  # the next action waits again
 
 
 @pytest.mark.sam2
